@@ -1,0 +1,184 @@
+// Dequantize kernel family: canonical kpack-v1 weight -> dense fp16/bf16 [N, K].
+//
+// What it computes: out[n, k] = dequant(q[n, k]) for the formulas in dqgemm.h (ZeroMode).
+// It serves two purposes: QuantizedWeight.dequantize() on the GPU, and the large-M path
+// "dequantize, then cuBLAS" (python/dqgemm/kernels/cuda_dequant.py), where the extra pass
+// costs bytes(read packed) + bytes(write fp16) at copy bandwidth.
+//
+// Layouts: qdata uint8 [N, row_bytes], codes along K, 4-bit low nibble first (format.py).
+//          scales [N, G] in fp16/bf16/fp32; zeros/offsets fp32 [N, G]; g_idx int32 [K].
+//          out row-major [N, K].
+// Work split: one thread makes 8 consecutive outputs of one row (one 16-byte store) from
+// one 4-byte (4-bit) or 8-byte (8-bit) load. All 8 share a group because group sizes are
+// multiples of 32 (or K itself), except with g_idx, where each element looks its group up.
+// Constraints of the vector path: K % 8 == 0 and 16-byte aligned qdata/out rows; anything
+// else takes the scalar path (one element per thread).
+// Test: tests/test_cuda.py (GPU only). Benchmark: python -m dqgemm bench --backends cuda.
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "dqgemm.h"
+
+namespace dqgemm {
+namespace {
+
+template <typename T> __device__ __forceinline__ float to_float(T v);
+template <> __device__ __forceinline__ float to_float<__half>(__half v) { return __half2float(v); }
+template <> __device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) {
+  return __bfloat162float(v);
+}
+template <> __device__ __forceinline__ float to_float<float>(float v) { return v; }
+
+template <typename T> __device__ __forceinline__ T from_float(float v);
+template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+struct GroupTerms {
+  float scale;
+  float sub;   // subtracted from q before scaling (symmetric / zero point)
+  float add;   // added after scaling (offset mode)
+};
+
+template <typename ScaleT>
+__device__ __forceinline__ GroupTerms group_terms(const DequantParams& p, int64_t n, int64_t g) {
+  const int64_t idx = n * p.num_groups + g;
+  GroupTerms t;
+  t.scale = to_float(static_cast<const ScaleT*>(p.scales)[idx]);
+  t.sub = 0.f;
+  t.add = 0.f;
+  if (p.zero_mode == ZeroMode::kSymmetric) {
+    t.sub = static_cast<float>(1 << (p.bits - 1));
+  } else if (p.zero_mode == ZeroMode::kZeroPoint) {
+    t.sub = p.zeros[idx];
+  } else {
+    t.add = p.zeros[idx];
+  }
+  return t;
+}
+
+__device__ __forceinline__ int64_t group_of(const DequantParams& p, int64_t k) {
+  return p.g_idx != nullptr ? static_cast<int64_t>(p.g_idx[k]) : k / p.group_size;
+}
+
+__device__ __forceinline__ float apply(const GroupTerms& t, unsigned q) {
+  return (static_cast<float>(q) - t.sub) * t.scale + t.add;
+}
+
+// Eight codes starting at an 8-aligned k, as one 64-bit word of bytes (8-bit) or one
+// 32-bit word of nibbles (4-bit), unpacked into q[0..7].
+template <int kBits>
+__device__ __forceinline__ void load_codes8(const DequantParams& p, int64_t n, int64_t k,
+                                            unsigned (&q)[8]) {
+  const uint8_t* row = static_cast<const uint8_t*>(p.qdata) + n * p.row_bytes;
+  if constexpr (kBits == 4) {
+    // ld.global.nc: the packed weight is read once and never written by this kernel.
+    const uint32_t word = __ldg(reinterpret_cast<const uint32_t*>(row + k / 2));
+#pragma unroll
+    for (int i = 0; i < 8; ++i) q[i] = (word >> (4 * i)) & 0xFu;
+  } else {
+    const uint2 words = __ldg(reinterpret_cast<const uint2*>(row + k));
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      q[i] = (words.x >> (8 * i)) & 0xFFu;
+      q[i + 4] = (words.y >> (8 * i)) & 0xFFu;
+    }
+  }
+}
+
+template <typename ScaleT, typename OutT, int kBits>
+__global__ void dequantize_vec8_kernel(DequantParams p) {
+  const int64_t vecs_per_row = p.k / 8;
+  const int64_t v = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (v >= p.n * vecs_per_row) return;
+  const int64_t n = v / vecs_per_row;
+  const int64_t k = (v - n * vecs_per_row) * 8;
+
+  unsigned q[8];
+  load_codes8<kBits>(p, n, k, q);
+
+  alignas(16) OutT vals[8];
+  if (p.g_idx == nullptr) {
+    const GroupTerms t = group_terms<ScaleT>(p, n, k / p.group_size);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) vals[i] = from_float<OutT>(apply(t, q[i]));
+  } else {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const GroupTerms t = group_terms<ScaleT>(p, n, group_of(p, k + i));
+      vals[i] = from_float<OutT>(apply(t, q[i]));
+    }
+  }
+  OutT* out = static_cast<OutT*>(p.out) + n * p.k + k;
+  *reinterpret_cast<uint4*>(out) = *reinterpret_cast<const uint4*>(vals);
+}
+
+template <typename ScaleT, typename OutT, int kBits>
+__global__ void dequantize_scalar_kernel(DequantParams p) {
+  const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (e >= p.n * p.k) return;
+  const int64_t n = e / p.k;
+  const int64_t k = e - n * p.k;
+  const uint8_t* row = static_cast<const uint8_t*>(p.qdata) + n * p.row_bytes;
+  unsigned q;
+  if constexpr (kBits == 4) {
+    q = (row[k / 2] >> (4 * (k & 1))) & 0xFu;
+  } else {
+    q = row[k];
+  }
+  const GroupTerms t = group_terms<ScaleT>(p, n, group_of(p, k));
+  static_cast<OutT*>(p.out)[e] = from_float<OutT>(apply(t, q));
+}
+
+bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; }
+
+template <typename ScaleT, typename OutT, int kBits>
+cudaError_t launch_typed(const DequantParams& p) {
+  constexpr int kThreads = 256;
+  const bool vec = p.k % 8 == 0 && aligned16(p.out) && (p.row_bytes % (kBits == 4 ? 4 : 8)) == 0 &&
+                   (reinterpret_cast<uintptr_t>(p.qdata) & (kBits == 4 ? 3u : 7u)) == 0;
+  const int64_t items = vec ? p.n * (p.k / 8) : p.n * p.k;
+  const int64_t blocks = (items + kThreads - 1) / kThreads;
+  if (blocks > 0x7FFFFFFF) return cudaErrorInvalidConfiguration;
+  if (vec) {
+    dequantize_vec8_kernel<ScaleT, OutT, kBits>
+        <<<static_cast<unsigned>(blocks), kThreads, 0, p.stream>>>(p);
+  } else {
+    dequantize_scalar_kernel<ScaleT, OutT, kBits>
+        <<<static_cast<unsigned>(blocks), kThreads, 0, p.stream>>>(p);
+  }
+  return cudaGetLastError();
+}
+
+template <typename ScaleT, typename OutT>
+cudaError_t launch_bits(const DequantParams& p) {
+  return p.bits == 4 ? launch_typed<ScaleT, OutT, 4>(p) : launch_typed<ScaleT, OutT, 8>(p);
+}
+
+template <typename OutT>
+cudaError_t launch_scale(const DequantParams& p) {
+  switch (p.scale_dtype) {
+    case DType::kFloat16: return launch_bits<__half, OutT>(p);
+    case DType::kBFloat16: return launch_bits<__nv_bfloat16, OutT>(p);
+    case DType::kFloat32: return launch_bits<float, OutT>(p);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace
+
+cudaError_t launch_dequantize(const DequantParams& p) {
+  if (p.n == 0 || p.k == 0) return cudaSuccess;
+  if ((p.bits != 4 && p.bits != 8) || p.group_size <= 0 || p.num_groups <= 0) {
+    return cudaErrorInvalidValue;
+  }
+  switch (p.out_dtype) {
+    case DType::kFloat16: return launch_scale<__half>(p);
+    case DType::kBFloat16: return launch_scale<__nv_bfloat16>(p);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace dqgemm

@@ -1,0 +1,129 @@
+"""Round-to-nearest quantization of a dense weight into the canonical format.
+
+Symmetric:  scale = absmax / (2**(bits-1) - 1), q = round(w / scale) + 2**(bits-1).
+Asymmetric: the group's range is widened to include 0 (so an all-zero group stays exact),
+            scale = (max - min) / (2**bits - 1), zero = round(-min / scale),
+            q = clamp(round(w / scale) + zero, 0, 2**bits - 1).
+
+The codes are always computed from the scale *after* it is rounded to its storage dtype,
+so every unclipped weight dequantizes to within half a step of its original value.
+
+The optional clipping search (``clip_search=True``) tries a few shrink factors of each
+group's range and keeps, per group, the one with the least squared error. Shrinking
+clips a few outliers and buys a finer step for all the other weights.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from .format import (QuantizedWeight, check_bits, check_group_size, effective_group_size,
+                     pack_codes)
+
+DEFAULT_CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
+
+
+def _default_scale_dtype(weight_dtype: torch.dtype) -> torch.dtype:
+    return torch.bfloat16 if weight_dtype == torch.bfloat16 else torch.float16
+
+
+def _check_weight(weight: torch.Tensor) -> None:
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight: expected a torch.Tensor, got {type(weight).__name__}")
+    if weight.dim() != 2:
+        raise ValueError(
+            f"weight: expected a 2-D [out_features, in_features] tensor, got shape "
+            f"{tuple(weight.shape)}")
+    if not weight.dtype.is_floating_point:
+        raise TypeError(f"weight: expected a floating-point dtype, got {weight.dtype}")
+    if weight.numel() == 0:
+        raise ValueError(f"weight: expected a non-empty tensor, got shape {tuple(weight.shape)}")
+    finite = torch.isfinite(weight)
+    if not bool(finite.all()):
+        bad = (~finite).nonzero()[0].tolist()
+        raise ValueError(
+            f"weight: expected finite values, got {int((~finite).sum())} NaN/Inf entries "
+            f"(first at index {tuple(bad)}: {weight[tuple(bad)].item()})")
+
+
+def _quantize_groups(w: torch.Tensor, bits: int, symmetric: bool, scale_dtype: torch.dtype,
+                     ratio: float):
+    """w: fp32 [N, G, gs]. Returns (codes int [N,G,gs], scales [N,G], zeros [N,G] or None)."""
+    if symmetric:
+        qmax = (1 << (bits - 1)) - 1
+        absmax = w.abs().amax(dim=-1) * ratio
+        scales = (absmax / qmax).to(scale_dtype)
+        s = scales.float()
+        safe = torch.where(s == 0, torch.ones_like(s), s).unsqueeze(-1)
+        q = torch.clamp(torch.round(w / safe), -qmax - 1, qmax) + (1 << (bits - 1))
+        return q, scales, None
+    levels = (1 << bits) - 1
+    wmin = w.amin(dim=-1).clamp(max=0) * ratio
+    wmax = w.amax(dim=-1).clamp(min=0) * ratio
+    scales = ((wmax - wmin) / levels).to(scale_dtype)
+    s = scales.float()
+    safe = torch.where(s == 0, torch.ones_like(s), s)
+    zeros = torch.clamp(torch.round(-wmin / safe), 0, levels)
+    q = torch.clamp(torch.round(w / safe.unsqueeze(-1)) + zeros.unsqueeze(-1), 0, levels)
+    return q, scales, zeros.to(scale_dtype)
+
+
+def _dequant_groups(q, scales, zeros, bits):
+    s = scales.float().unsqueeze(-1)
+    if zeros is None:
+        return (q - (1 << (bits - 1))) * s
+    return (q - zeros.float().unsqueeze(-1)) * s
+
+
+def quantize(weight: torch.Tensor, bits: int = 4, group_size: int = 128,
+             symmetric: bool = True, *, scale_dtype: Optional[torch.dtype] = None,
+             clip_search: bool = False,
+             clip_ratios: Sequence[float] = DEFAULT_CLIP_RATIOS) -> QuantizedWeight:
+    """Quantizes a 2-D [out_features, in_features] weight with round-to-nearest.
+
+    Args:
+        weight: float tensor [N, K], on any device (the result lives on the same device).
+        bits: 4 or 8.
+        group_size: 32, 64, 128, 256, or -1 for one scale per output channel. Must divide K.
+        symmetric: True stores no zero points; False stores one per group.
+        scale_dtype: dtype of scales (and zero points); default fp16, or bf16 for a bf16
+            weight.
+        clip_search: try each of ``clip_ratios`` per group and keep the least-squared-error one.
+
+    Returns:
+        A QuantizedWeight in the canonical kpack-v1 format.
+    """
+    check_bits(bits)
+    _check_weight(weight)
+    n, k = weight.shape
+    check_group_size(group_size, k)
+    if scale_dtype is None:
+        scale_dtype = _default_scale_dtype(weight.dtype)
+    if scale_dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"scale_dtype: expected float16, bfloat16 or float32, got {scale_dtype}")
+    if clip_search and (not clip_ratios or any(not 0 < r <= 1 for r in clip_ratios)):
+        raise ValueError(f"clip_ratios: expected a non-empty list in (0, 1], got {clip_ratios}")
+
+    gs = effective_group_size(k, group_size)
+    w = weight.detach().float().reshape(n, k // gs, gs)
+    ratios = clip_ratios if clip_search else (1.0,)
+    best = None
+    for ratio in ratios:
+        q, scales, zeros = _quantize_groups(w, bits, symmetric, scale_dtype, ratio)
+        err = (_dequant_groups(q, scales, zeros, bits) - w).pow(2).sum(dim=-1)
+        if best is None:
+            best = [q, scales, zeros, err]
+            continue
+        better = err < best[3]
+        best[0] = torch.where(better.unsqueeze(-1), q, best[0])
+        best[1] = torch.where(better, scales, best[1])
+        if zeros is not None:
+            best[2] = torch.where(better, zeros, best[2])
+        best[3] = torch.where(better, err, best[3])
+    q, scales, zeros, _ = best
+    codes = q.reshape(n, k).to(torch.uint8)
+    return QuantizedWeight(qdata=pack_codes(codes, bits), scales=scales.contiguous(),
+                           zero_points=None if zeros is None else zeros.contiguous(),
+                           bits=bits, group_size=group_size, in_features=k)
