@@ -5,8 +5,12 @@ Asymmetric: the group's range is widened to include 0 (so an all-zero group stay
             scale = (max - min) / (2**bits - 1), zero = round(-min / scale),
             q = clamp(round(w / scale) + zero, 0, 2**bits - 1).
 
-The codes are always computed from the scale *after* it is rounded to its storage dtype,
-so every unclipped weight dequantizes to within half a step of its original value.
+The codes are always computed from the scale *after* it is rounded to its storage dtype.
+Symmetric scales round up: no weight falls outside the grid, each is within half a step.
+Asymmetric scales round down (towards zero), so the group's minimum lands exactly on code 0
+and its maximum on the last code (clamped there by at most (2**bits - 1) * ulp(scale) steps,
+about 0.007 of a step for INT4 with fp16 scales): every group spans the whole grid, which
+makes re-quantizing a dequantized weight lossless.
 
 The optional clipping search (``clip_search=True``) tries a few shrink factors of each
 group's range and keeps, per group, the one with the least squared error. Shrinking
@@ -22,7 +26,7 @@ import torch
 from .format import (QuantizedWeight, check_bits, check_group_size, effective_group_size,
                      pack_codes)
 
-DEFAULT_CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
+DEFAULT_CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5)
 
 
 def _default_scale_dtype(weight_dtype: torch.dtype) -> torch.dtype:
@@ -48,13 +52,28 @@ def _check_weight(weight: torch.Tensor) -> None:
             f"(first at index {tuple(bad)}: {weight[tuple(bad)].item()})")
 
 
+def _round_scale(exact: torch.Tensor, dtype: torch.dtype, direction: str) -> torch.Tensor:
+    """exact (fp32, >= 0) rounded to ``dtype`` towards +inf ("up") or towards 0 ("down")."""
+    rounded = exact.to(dtype)
+    off = rounded.float() < exact if direction == "up" else rounded.float() > exact
+    if not bool(off.any()):
+        return rounded
+    step = 1 if direction == "up" else -1
+    if dtype == torch.float32:
+        target = float("inf") if direction == "up" else 0.0
+        bumped = torch.nextafter(rounded, torch.full_like(rounded, target))
+    else:  # fp16 / bf16, values >= 0: neighbours are the adjacent bit patterns
+        bumped = (rounded.view(torch.int16) + step).view(dtype)
+    return torch.where(off, bumped, rounded)
+
+
 def _quantize_groups(w: torch.Tensor, bits: int, symmetric: bool, scale_dtype: torch.dtype,
                      ratio: float):
     """w: fp32 [N, G, gs]. Returns (codes int [N,G,gs], scales [N,G], zeros [N,G] or None)."""
     if symmetric:
         qmax = (1 << (bits - 1)) - 1
         absmax = w.abs().amax(dim=-1) * ratio
-        scales = (absmax / qmax).to(scale_dtype)
+        scales = _round_scale(absmax / qmax, scale_dtype, "up")
         s = scales.float()
         safe = torch.where(s == 0, torch.ones_like(s), s).unsqueeze(-1)
         q = torch.clamp(torch.round(w / safe), -qmax - 1, qmax) + (1 << (bits - 1))
@@ -62,7 +81,7 @@ def _quantize_groups(w: torch.Tensor, bits: int, symmetric: bool, scale_dtype: t
     levels = (1 << bits) - 1
     wmin = w.amin(dim=-1).clamp(max=0) * ratio
     wmax = w.amax(dim=-1).clamp(min=0) * ratio
-    scales = ((wmax - wmin) / levels).to(scale_dtype)
+    scales = _round_scale((wmax - wmin) / levels, scale_dtype, "down")
     s = scales.float()
     safe = torch.where(s == 0, torch.ones_like(s), s)
     zeros = torch.clamp(torch.round(-wmin / safe), 0, levels)

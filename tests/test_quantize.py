@@ -1,0 +1,112 @@
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import dqgemm
+from _util import random_weight
+
+
+def _step_and_clipped(w, qw):
+    """Per-element step size and whether the element lies outside the representable range."""
+    n, k = w.shape
+    gs = k if qw.group_size == -1 else qw.group_size
+    s = qw.scales.float().repeat_interleave(gs, 1)
+    if qw.zero_points is None:
+        lo, hi = -(1 << (qw.bits - 1)), (1 << (qw.bits - 1)) - 1
+        t = w.float() / torch.where(s == 0, torch.ones_like(s), s)
+    else:
+        z = qw.zero_points.float().repeat_interleave(gs, 1)
+        lo, hi = 0, (1 << qw.bits) - 1
+        t = w.float() / torch.where(s == 0, torch.ones_like(s), s) + z
+    clipped = (t < lo - 0.5) | (t > hi + 0.5)
+    return s, clipped
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("group_size", [32, 64, 128, 256, -1])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_error_within_half_a_step(bits, group_size, symmetric):
+    w = random_weight(48, 512, seed=bits * 1000 + group_size)
+    qw = dqgemm.quantize(w, bits, group_size, symmetric)
+    s, clipped = _step_and_clipped(w, qw)
+    err = (qw.dequantize() - w).abs()
+    # Half a step, plus fp32 rounding of the product.
+    assert bool((err[~clipped] <= 0.5 * s[~clipped] * (1 + 1e-5) + 1e-7).all())
+    if symmetric:
+        assert not bool(clipped.any()), "symmetric scales round up: nothing is clipped"
+    else:
+        # Asymmetric scales round down: only group maxima clamp, by < levels * ulp steps.
+        levels = (1 << bits) - 1
+        assert bool((err[clipped] <= (0.5 + levels * 2.0 ** -10) * s[clipped]).all())
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("group_size", [32, -1])
+def test_requantizing_a_dequantized_weight_is_lossless(bits, symmetric, group_size):
+    w = random_weight(32, 256, seed=7)
+    qw = dqgemm.quantize(w, bits, group_size, symmetric)
+    deq = qw.dequantize()
+    again = dqgemm.quantize(deq, bits, group_size, symmetric, scale_dtype=qw.scales.dtype)
+    assert torch.equal(again.dequantize(), deq)
+
+
+def test_clip_search_lowers_the_error():
+    # Gaussian weights: the extreme of a group of 128 wastes most of the 16 levels.
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(256, 512, generator=gen) * 0.02
+    for symmetric in (True, False):
+        plain = dqgemm.quantize(w, 4, 128, symmetric)
+        clipped = dqgemm.quantize(w, 4, 128, symmetric, clip_search=True)
+        e_plain = (plain.dequantize() - w).pow(2).sum().item()
+        e_clip = (clipped.dequantize() - w).pow(2).sum().item()
+        # Measured: about 0.75x (symmetric) and 0.90x (asymmetric) of the plain error.
+        assert e_clip < 0.95 * e_plain, (symmetric, e_clip, e_plain)
+
+
+def test_all_zero_and_constant_groups_are_exact():
+    w = torch.zeros(4, 64)
+    w[1] = 0.5
+    for symmetric in (True, False):
+        qw = dqgemm.quantize(w, 4, 32, symmetric)
+        assert torch.allclose(qw.dequantize(), w, atol=0, rtol=1e-3)
+
+
+def test_scale_dtype_defaults_and_device():
+    w = random_weight(8, 64)
+    assert dqgemm.quantize(w, group_size=32).scales.dtype == torch.float16
+    assert dqgemm.quantize(w.bfloat16(), group_size=32).scales.dtype == torch.bfloat16
+    assert dqgemm.quantize(w, group_size=32, scale_dtype=torch.float32).scales.dtype == torch.float32
+
+
+@pytest.mark.parametrize("weight,kwargs,exc,match", [
+    (torch.randn(4, 64), dict(bits=3), ValueError, "bits: expected one of"),
+    (torch.randn(4, 100), dict(group_size=32), ValueError, "group_size: expected a divisor"),
+    (torch.randn(64), {}, ValueError, "weight: expected a 2-D"),
+    (torch.randn(2, 4, 64), {}, ValueError, "weight: expected a 2-D"),
+    (torch.randint(0, 3, (4, 64)), {}, TypeError, "weight: expected a floating-point"),
+    (torch.tensor([[1.0, float("nan")] * 16]), dict(group_size=32), ValueError, "NaN/Inf"),
+    (torch.tensor([[1.0, float("inf")] * 16]), dict(group_size=32), ValueError, "NaN/Inf"),
+    (torch.randn(4, 64), dict(group_size=32, scale_dtype=torch.int8), TypeError, "scale_dtype"),
+])
+def test_bad_input(weight, kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        dqgemm.quantize(weight, **kwargs)
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 24), k_groups=st.integers(1, 4),
+       group_size=st.sampled_from([32, 64, 128, 256, -1]), bits=st.sampled_from([4, 8]),
+       symmetric=st.booleans(), seed=st.integers(0, 2**16))
+def test_property_round_trip_and_bounds(n, k_groups, group_size, bits, symmetric, seed):
+    k = k_groups * (group_size if group_size > 0 else 40) + (0 if group_size > 0 else 1)
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=gen) * torch.rand(n, 1, generator=gen)
+    qw = dqgemm.quantize(w, bits, group_size, symmetric)
+    # Codes survive a pack/unpack cycle and the weight survives save/load.
+    assert torch.equal(dqgemm.pack_codes(qw.codes(), bits), qw.qdata)
+    back = dqgemm.QuantizedWeight.from_tensors(qw.tensors(), qw.metadata())
+    assert torch.equal(back.dequantize(), qw.dequantize())
+    s, clipped = _step_and_clipped(w, qw)
+    err = (qw.dequantize() - w).abs()
+    assert bool((err[~clipped] <= 0.5 * s[~clipped] * (1 + 1e-5) + 1e-7).all())
