@@ -7,3 +7,5 @@ without triton installed): they check what they need in ``Kernel.available()``.
 
 from . import reference  # noqa: F401
 from . import cuda_dequant  # noqa: F401
+from . import cuda_decode  # noqa: F401
+from . import triton_common, triton_gemv, triton_splitk, triton_gemm  # noqa: F401,E401

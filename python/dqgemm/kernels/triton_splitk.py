@@ -1,0 +1,173 @@
+"""Triton family "splitk": y = x @ dequant(W)^T for small M, tensor cores, split-K.
+
+What it computes: [M, N] output tiles of BLOCK_M x BLOCK_N (M padded to 16..64 by masking)
+with mma, each over a contiguous range of K steps; SPLIT ranges run as separate programs
+so that even N = 4096 (32 tiles of 128 columns) fills all SMs.
+
+Layout: the Triton layout of triton_common.py (int32 words [KW, N] packed along K).
+A step loads [BLOCK_KW, BLOCK_N] words once (16-byte loads along N, no redundant loads) and
+splits them into E = 32 // bits "planes": plane j holds the codes k = E*r + j. Because a dot
+sums over k in any order, the step does E dots of x[:, E*r + j] ([BLOCK_M, BLOCK_KW], a
+strided gather of the small, cache-resident activations) times plane j ([BLOCK_KW, BLOCK_N]),
+so the weight needs no reshape or interleave in registers. BLOCK_KW >= 16 (mma K).
+
+Scales: when a whole step lies in one group (GROUP_PER_STEP: group size a multiple of the
+step's codes, or per-channel) the planes hold (q - z) exactly (small integers, exact in fp16
+and bf16), the dots accumulate in fp32 and the scale multiplies the [BLOCK_M, BLOCK_N] step
+result once: BLOCK_M*BLOCK_N multiplies per step instead of BLOCK_KW*E*BLOCK_N. Offsets
+use s*(x.q) + o*sum(x). Otherwise (group 32/64 under a 128-code step) each word row's
+group scale is applied to the codes before the dot.
+
+Split-K reduction: each split writes fp32 [M, N] partials to a cached workspace
+[SPLIT, M, N]; _reduce_kernel sums them in split order (deterministic, no atomics), adds
+the bias and casts. SPLIT == 1 writes the output directly.
+
+Test: tests/test_triton.py. Benchmark: bench/triton_bench.py.
+"""
+
+from __future__ import annotations
+
+from .triton_common import group_per_step, split_count, tl, triton, workspace
+
+if triton is not None:
+
+    @triton.jit
+    def _splitk_kernel(x_ptr, w_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, out_ptr, ws_ptr,
+                       M, N, K, KW, GS, stride_xm, steps_per_split,
+                       BITS: tl.constexpr, ZERO_MODE: tl.constexpr, ACT_ORDER: tl.constexpr,
+                       GROUP_PER_STEP: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       USE_WS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_KW: tl.constexpr):
+        E: tl.constexpr = 32 // BITS
+        MASK: tl.constexpr = (1 << BITS) - 1
+        MAGIC: tl.constexpr = 0x4B000000  # bits of 2.0**23
+        SYM_BIAS: tl.constexpr = 8388608.0 + (1 << (BITS - 1))
+        DT = x_ptr.dtype.element_ty
+        pid = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        num_m = tl.cdiv(M, BLOCK_M)
+        pid_m = pid % num_m
+        pid_n = pid // num_m
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < M
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        rows = tl.arange(0, BLOCK_KW)
+        x_rows = x_ptr + offs_m[:, None] * stride_xm
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        step0 = pid_k * steps_per_split
+        for step in range(step0, step0 + steps_per_split):
+            r = step * BLOCK_KW + rows
+            mask_r = r < KW
+            mask_rn = mask_r[:, None] & mask_n[None, :]
+            words = tl.load(w_ptr + r[:, None] * N + offs_n[None, :], mask=mask_rn, other=0)
+            if GROUP_PER_STEP:
+                g = (step * BLOCK_KW * E) // GS
+                s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+                if ZERO_MODE != 0:
+                    z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0)[None, :]
+                accq = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                xs = tl.zeros((BLOCK_M,), dtype=tl.float32)
+                for j in tl.static_range(E):
+                    k = r * E + j
+                    mask_k = k < K
+                    if ACT_ORDER:
+                        src = tl.load(perm_ptr + k, mask=mask_k, other=0)
+                    else:
+                        src = k
+                    xj = tl.load(x_rows + src[None, :], mask=mask_m[:, None] & mask_k[None, :],
+                                 other=0.0)
+                    qf = (((words >> (j * BITS)) & MASK) | MAGIC).to(tl.float32, bitcast=True)
+                    if ZERO_MODE == 0:
+                        wq = qf - SYM_BIAS
+                    elif ZERO_MODE == 1:
+                        wq = (qf - 8388608.0) - z
+                    else:
+                        wq = qf - 8388608.0
+                        xs += tl.sum(xj.to(tl.float32), axis=1)
+                    accq = tl.dot(xj, wq.to(DT), accq)
+                if ZERO_MODE == 2:
+                    acc += accq * s[None, :] + xs[:, None] * z
+                else:
+                    acc += accq * s[None, :]
+            else:
+                g = (r * E) // GS
+                gofs = g[:, None] * N + offs_n[None, :]
+                s = tl.load(s_ptr + gofs, mask=mask_rn, other=0.0).to(tl.float32)
+                if ZERO_MODE != 0:
+                    z = tl.load(z_ptr + gofs, mask=mask_rn, other=0.0)
+                for j in tl.static_range(E):
+                    k = r * E + j
+                    mask_k = k < K
+                    if ACT_ORDER:
+                        src = tl.load(perm_ptr + k, mask=mask_k, other=0)
+                    else:
+                        src = k
+                    xj = tl.load(x_rows + src[None, :], mask=mask_m[:, None] & mask_k[None, :],
+                                 other=0.0)
+                    qf = (((words >> (j * BITS)) & MASK) | MAGIC).to(tl.float32, bitcast=True)
+                    if ZERO_MODE == 0:
+                        w = (qf - SYM_BIAS) * s
+                    elif ZERO_MODE == 1:
+                        w = ((qf - 8388608.0) - z) * s
+                    else:
+                        w = (qf - 8388608.0) * s + z
+                    acc = tl.dot(xj, w.to(DT), acc)
+        offs_out = offs_m[:, None] * N + offs_n[None, :]
+        mask_out = mask_m[:, None] & mask_n[None, :]
+        if USE_WS:
+            tl.store(ws_ptr + pid_k * M * N + offs_out, acc, mask=mask_out)
+        else:
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            tl.store(out_ptr + offs_out, acc.to(out_ptr.dtype.element_ty), mask=mask_out)
+
+    @triton.jit
+    def _reduce_kernel(ws_ptr, bias_ptr, out_ptr, MN, N, SPLIT,
+                       HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < MN
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for s in range(0, SPLIT):
+            acc += tl.load(ws_ptr + s * MN + offs, mask=mask, other=0.0)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def reduce_splits(ws, bias, out, splits):
+    """out[M, N] = sum over splits of ws[s, M, N] (+ bias), in split order."""
+    mn = out.numel()
+    block = 1024
+    _reduce_kernel[(-(-mn // block),)](ws, bias if bias is not None else out, out, mn,
+                                       out.shape[1], splits, HAS_BIAS=bias is not None,
+                                       BLOCK=block, num_warps=4)
+    return out
+
+
+def launch(x, args, bias, cfg, out):
+    """x [M, K] contiguous; out [M, N] contiguous in x.dtype (written, also returned)."""
+    m = x.shape[0]
+    e = 32 // args.bits
+    block_kw = cfg.block_k // e
+    if block_kw < 16:
+        raise ValueError(f"cfg.block_k: expected >= {16 * e} for {args.bits}-bit splitk "
+                         f"(16 words per dot), got {cfg.block_k}")
+    kw = args.packed.shape[0]
+    k_steps = -(-kw // block_kw)
+    tiles = -(-m // cfg.block_m) * -(-args.n // cfg.block_n)
+    splits, per_split = split_count(cfg, tiles, k_steps, x.device)
+    ws = workspace(x.device, splits * m * args.n) if splits > 1 else out
+    _splitk_kernel[(tiles, splits)](
+        x, args.packed, args.scales,
+        args.zeros if args.zeros is not None else args.scales,
+        args.perm if args.perm is not None else args.packed,
+        bias if bias is not None else out, out, ws,
+        m, args.n, args.k, kw, args.group_size, x.stride(0), per_split,
+        BITS=args.bits, ZERO_MODE=args.zero_mode, ACT_ORDER=args.perm is not None,
+        GROUP_PER_STEP=group_per_step(args, block_kw * e), HAS_BIAS=bias is not None,
+        USE_WS=splits > 1, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_KW=block_kw,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if splits > 1:
+        reduce_splits(ws, bias, out, splits)
+    return out
