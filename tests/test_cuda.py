@@ -56,6 +56,8 @@ CASES = [
     (128, 256, 8, -1, "symmetric", False, torch.bfloat16),
     (130, 11008 // 4, 8, 64, "zero_points", True, torch.float16),
     (64, 256, 4, 128, "symmetric", True, torch.float16),
+    (40, 200, 4, -1, "zero_points", False, torch.float16),  # K % 32 != 0: vec8 path
+    (24, 72, 8, -1, "offsets", False, torch.bfloat16),      # K % 16 != 0: vec8 path
     (33, 100, 4, -1, "symmetric", False, torch.float16),   # K % 8 != 0: scalar path
     (17, 99, 8, -1, "zero_points", False, torch.float16),  # odd K
 ]
