@@ -9,7 +9,9 @@
 Importing dqgemm never initializes CUDA or loads the compiled extension.
 """
 
+from . import formats
 from .format import FORMAT_NAME, QuantizedWeight, pack_codes, unpack_codes
+from .loading import LoadSummary, load_quantized
 from .nn import QuantizationSummary, QuantLinear, quantize_model
 from .ops import explain, matmul
 from .quantize import quantize
@@ -21,4 +23,5 @@ __all__ = [
     "BACKENDS", "FORMAT_NAME", "QuantizedWeight", "QuantLinear", "QuantizationSummary",
     "explain", "matmul", "pack_codes", "quantize", "quantize_model", "unpack_codes",
     "__version__",
+    "LoadSummary", "formats", "load_quantized",
 ]
