@@ -65,6 +65,37 @@ int device_count() {
   return count;
 }
 
+// Decode GEMM (csrc/decode_gemm.cu). Pointers and sizes as documented in dqgemm.h
+// (DecodeGemmParams); the Python wrapper (kernels/cuda_decode.py) checks the tensors.
+void decode_gemm(uintptr_t x, uintptr_t weight, uintptr_t scales, uintptr_t zo, uintptr_t bias,
+                 uintptr_t y, uintptr_t workspace, uintptr_t counters, int64_t m, int64_t n,
+                 int64_t k, int64_t n_pad, int64_t k_pad, int64_t groups_padded,
+                 int group_size_log2, int bits, int dtype, int zero_mode, int grid,
+                 uintptr_t stream) {
+  dqgemm::DecodeGemmParams p;
+  p.x = as_ptr<const void>(x);
+  p.weight = as_ptr<const void>(weight);
+  p.scales = as_ptr<const void>(scales);
+  p.zo = as_ptr<const void>(zo);
+  p.bias = as_ptr<const void>(bias);
+  p.y = as_ptr<void>(y);
+  p.workspace = as_ptr<float>(workspace);
+  p.counters = as_ptr<int32_t>(counters);
+  p.m = m;
+  p.n = n;
+  p.k = k;
+  p.n_pad = n_pad;
+  p.k_pad = k_pad;
+  p.groups_padded = groups_padded;
+  p.group_size_log2 = group_size_log2;
+  p.bits = bits;
+  p.dtype = static_cast<dqgemm::DType>(dtype);
+  p.zero_mode = static_cast<dqgemm::ZeroMode>(zero_mode);
+  p.grid = grid;
+  p.stream = as_ptr<CUstream_st>(stream);
+  check(dqgemm::launch_decode_gemm(p), "decode_gemm");
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -75,6 +106,16 @@ PYBIND11_MODULE(_C, m) {
         py::arg("num_groups"), py::arg("group_size"), py::arg("bits"), py::arg("scale_dtype"),
         py::arg("out_dtype"), py::arg("zero_mode"), py::arg("stream"),
         "Dequantize a kpack-v1 weight into a dense fp16/bf16 [N, K] buffer.");
+  m.def("decode_gemm", &decode_gemm, py::arg("x"), py::arg("weight"), py::arg("scales"),
+        py::arg("zo"), py::arg("bias"), py::arg("y"), py::arg("workspace"), py::arg("counters"),
+        py::arg("m"), py::arg("n"), py::arg("k"), py::arg("n_pad"), py::arg("k_pad"),
+        py::arg("groups_padded"), py::arg("group_size_log2"), py::arg("bits"), py::arg("dtype"),
+        py::arg("zero_mode"), py::arg("grid"), py::arg("stream"),
+        "Decode GEMM (M <= 64) on a cuda_decode-packed weight; see csrc/decode_gemm.cuh.");
+  m.def("decode_gemm_m_tile", &dqgemm::decode_gemm_m_tile, py::arg("m"),
+        "Token tile (8/16/32/64) the decode GEMM uses for M (0 if M is out of range).");
+  m.def("decode_gemm_stage_k", &dqgemm::decode_gemm_stage_k, py::arg("m"),
+        "k per pipeline stage of the decode GEMM configuration used for M.");
   m.def("runtime_version", &runtime_version, "CUDA runtime version this module links.");
   m.def("device_count", &device_count, "Visible CUDA devices (raises if the driver fails).");
 }

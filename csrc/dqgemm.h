@@ -43,3 +43,41 @@ struct DequantParams {
 cudaError_t launch_dequantize(const DequantParams& p);
 
 }  // namespace dqgemm
+
+// ---------------------------------------------------------------------------------------
+// Decode GEMM (csrc/decode_gemm.cu): y[M, N] = x[M, K] @ dequant(W)^T (+ bias), M <= 64,
+// weights and group parameters in the re-laid-out format of
+// python/dqgemm/kernels/cuda_decode.py (see the header of csrc/decode_gemm.cuh).
+// ---------------------------------------------------------------------------------------
+namespace dqgemm {
+
+struct DecodeGemmParams {
+  const void* x = nullptr;        // dtype [M, K] row-major, 16-byte aligned, K % 8 == 0
+  const void* weight = nullptr;   // packed codes [N_pad/128][K_pad/SPAN][8][32][16 bytes]
+  const void* scales = nullptr;   // dtype [N_pad/128][groups_padded][8][8][2]
+  const void* zo = nullptr;       // zero points or offsets, same layout as scales; or null
+  const void* bias = nullptr;     // dtype [N] or null
+  void* y = nullptr;              // dtype [M, N] row-major
+  float* workspace = nullptr;     // fp32 partial sums, >= 2 * grid * M * 128 floats
+  int32_t* counters = nullptr;    // int32 [N_pad / 128], all 0 on entry; left 0 on exit
+  int64_t m = 0;
+  int64_t n = 0;
+  int64_t k = 0;
+  int64_t n_pad = 0;              // multiple of 128
+  int64_t k_pad = 0;              // multiple of 128
+  int64_t groups_padded = 0;      // groups per 128-channel tile in the parameter layout
+  int group_size_log2 = 7;        // 5..8; 30 for per-channel
+  int bits = 4;
+  DType dtype = DType::kFloat16;  // activations, output, group parameters
+  ZeroMode zero_mode = ZeroMode::kSymmetric;
+  int grid = 0;                   // blocks (stream-K ranges); <= units
+  cudaStream_t stream = nullptr;
+};
+
+// Tokens per block tile for a given M (8, 16, 32 or 64): the kernel configuration.
+int decode_gemm_m_tile(int64_t m);
+// k per pipeline stage of the configuration used for M (units = N_pad/128 * K_pad/bk).
+int decode_gemm_stage_k(int64_t m);
+cudaError_t launch_decode_gemm(const DecodeGemmParams& p);
+
+}  // namespace dqgemm

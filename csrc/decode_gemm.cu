@@ -1,0 +1,90 @@
+// Decode GEMM kernel family (W4A16 / W8A16, M = 1..64): launcher and instantiations.
+//
+// What it computes, the packed layouts, tiles and the deterministic stream-K partition are
+// described in decode_gemm.cuh. This file picks one configuration per token tile:
+//
+//   M <= 8 : 8 warps, 1 slice of 16 channels each, 1 token tile,  BK = 128
+//   M <= 16: 8 warps, 1 slice each,               2 token tiles, BK = 128
+//   M <= 32: 4 warps, 2 slices each,              4 token tiles, BK = 128
+//   M <= 64: 2 warps, 4 slices each,              8 token tiles, BK = 64
+//
+// Why fewer warps per block as M grows: every warp reads the activation fragments of its
+// k step from shared memory, so the shared-memory traffic per weight byte grows with
+// M / (slices per warp); more slices per warp keep it under the SM's shared-memory
+// bandwidth (and several blocks per SM keep the warp count up).
+//
+// Instantiations: bits {4, 8} x dtype {fp16, bf16} x 4 token tiles = 16 kernels.
+// Zero-point mode and group size are run-time (uniform branches once per group).
+// Constraints checked here: M in 1..64, bits 4/8, fp16/bf16, K % 8 == 0, aligned x,
+// padded sizes multiples of 128, a grid no larger than the number of units.
+// Test: pytest tests/test_cuda_decode.py. Benchmark: python bench/cuda_decode_bench.py.
+
+#include "decode_gemm.cuh"
+
+namespace dqgemm {
+namespace {
+
+using decode::Config;
+
+template <typename T, typename Cfg>
+cudaError_t launch_config(const DecodeGemmParams& p) {
+  auto kernel = decode::decode_gemm_kernel<T, Cfg>;
+  if (Cfg::kSmemBytes > 48 * 1024) {
+    // Raising the dynamic shared-memory limit is per function and device; it is cheap, so
+    // it is done on every launch instead of caching per device (no host sync involved).
+    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           Cfg::kSmemBytes);
+    if (err != cudaSuccess) return err;
+  }
+  kernel<<<p.grid, Cfg::kThreads, Cfg::kSmemBytes, p.stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <typename T, int BITS>
+cudaError_t launch_tile(const DecodeGemmParams& p) {
+  switch (decode_gemm_m_tile(p.m)) {
+    case 8: return launch_config<T, Config<BITS, 1, 1, 128, 4>>(p);
+    case 16: return launch_config<T, Config<BITS, 2, 1, 128, 4>>(p);
+    case 32: return launch_config<T, Config<BITS, 4, 2, 128, 4>>(p);
+    case 64: return launch_config<T, Config<BITS, 8, 4, 64, 4>>(p);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+template <typename T>
+cudaError_t launch_bits(const DecodeGemmParams& p) {
+  return p.bits == 4 ? launch_tile<T, 4>(p) : launch_tile<T, 8>(p);
+}
+
+}  // namespace
+
+int decode_gemm_m_tile(int64_t m) {
+  if (m <= 0 || m > 64) return 0;
+  return m <= 8 ? 8 : m <= 16 ? 16 : m <= 32 ? 32 : 64;
+}
+
+int decode_gemm_stage_k(int64_t m) { return decode_gemm_m_tile(m) == 64 ? 64 : 128; }
+
+cudaError_t launch_decode_gemm(const DecodeGemmParams& p) {
+  if (p.m == 0 || p.n == 0) return cudaSuccess;
+  const int bk = decode_gemm_stage_k(p.m);
+  const bool gs_ok = (p.group_size_log2 >= 5 && p.group_size_log2 <= 8) ||
+                     p.group_size_log2 == 30;
+  if (decode_gemm_m_tile(p.m) == 0 || (p.bits != 4 && p.bits != 8) || !gs_ok ||
+      p.k % 8 != 0 || p.k_pad % 128 != 0 || p.n_pad % 128 != 0 || p.k_pad < p.k ||
+      p.n_pad < p.n || (reinterpret_cast<uintptr_t>(p.x) & 15u) != 0 ||
+      p.weight == nullptr || p.scales == nullptr || p.y == nullptr || p.counters == nullptr ||
+      p.workspace == nullptr ||
+      (p.zero_mode != ZeroMode::kSymmetric && p.zo == nullptr)) {
+    return cudaErrorInvalidValue;
+  }
+  const int64_t units = (p.n_pad / 128) * (p.k_pad / bk);
+  if (p.grid <= 0 || p.grid > units || p.grid > 0x7FFFFFFF) return cudaErrorInvalidValue;
+  switch (p.dtype) {
+    case DType::kFloat16: return launch_bits<__half>(p);
+    case DType::kBFloat16: return launch_bits<__nv_bfloat16>(p);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace dqgemm

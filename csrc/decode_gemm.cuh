@@ -1,0 +1,661 @@
+// Decode GEMM kernel family (W4A16 / W8A16, M = 1..64): the kernel template.
+//
+// What it computes: y[M, N] = x[M, K] @ dequant(W)[N, K]^T (+ bias[N]), x and y fp16 or bf16,
+// W 4-bit or 8-bit codes with per-group (32/64/128/256) or per-channel scales and, per
+// group, an integer zero point (w = (q - z) * s) or an additive offset (w = q * s + o).
+// Symmetric weights use z = 2^(bits-1) as a constant.
+//
+// Why it is shaped like this: at M <= 64 the product is a stream over the weight. The
+// weight (re-laid out once at load time, python/dqgemm/kernels/cuda_decode.py) is read
+// exactly once, as one contiguous byte range per thread block, through a STAGES-deep
+// cp.async pipeline; every thread takes 16 bytes at a time out of shared memory and turns
+// them into tensor-core operand registers with a handful of lop3 / prmt / fma instructions.
+//
+// MMA orientation ("swap AB"): mma.sync.m16n8k16 with the WEIGHT as the A operand (16
+// output channels x 16 k) and the activations as B (16 k x 8 tokens). At M <= 8 only one
+// n8 tile of tokens is wasted instead of 15 rows of a 16-row A tile.
+//
+// Packed weight layout (built by pack_decode_weight in cuda_decode.py; N padded to a
+// multiple of 128, K to a multiple of 128, padding codes 0 with scale 0):
+//   [n_tile = N_pad/128][k_block = K_pad/SPAN][n16 = 8][lane = 32][16 bytes]
+//   SPAN = 64 (4-bit) or 32 (8-bit): one lane's 16 bytes hold its A-fragment values of
+//   4 (4-bit) or 2 (8-bit) consecutive k16 tiles of one 16-row slice.
+//   For lane l, r = l / 4, c = 2 * (l % 4), the A fragment of a 16x16 tile is
+//   (r, c..c+1) (r+8, c..c+1) (r, c+8..c+9) (r+8, c+8..c+9) = registers a0 a1 a2 a3.
+//   4-bit: one 32-bit word per k16 tile; nibble p (bits 4p..4p+3) holds row r + 8*(p&1),
+//          k = c + 8*((p>>1)&1) + (p>>2). So (word & 0x000F000F) is the pair a0, (word &
+//          0x00F000F0) is a1 (times 16), and the same on word >> 8 gives a2, a3: one lop3
+//          with the magic exponent (fp16 0x6400 = 1024, bf16 0x4300 = 128) makes a pair.
+//   8-bit: two 32-bit words per k16 tile (k half 0, k half 1); byte b of a word holds
+//          row r + 8*(b&1), k = c + (b>>1) (+8 in the second word); prmt with 0x64 (fp16)
+//          gives 1024 + q pairs; bf16 goes through fp32 (0x4B000000 magic).
+// Group-parameter layout (scales, and zero points or offsets, in the activation dtype):
+//   [n_tile][group (G_pad = K_pad / group_size, or 1 per-channel)][n16 = 8][r = 8][2]
+//   holding (p[row r], p[row r + 8]) of that n16 slice: one 32-bit load per lane.
+//
+// Tiles: a unit of work is (n_tile of 128 channels, k chunk of BK). Warps split the 128
+// channels (WN16 slices of 16 each, 8 / WN16 warps); no warp splits K inside a block.
+// Activations for the chunk (M rows x BK, XOR-swizzled 16-byte chunks) are loaded into
+// shared memory with the weights and read with ldmatrix.x4.
+//
+// Work partition (stream-K, deterministic): the U = n_tiles * (K_pad / BK) units, in
+// order (n_tile major), are cut into gridDim.x contiguous ranges of equal size (+-1). A
+// block's range is a run of segments, one per n_tile it touches. A segment covering the
+// whole K writes y directly. A partial segment writes fp32 partial sums into its slot of
+// the workspace (2 slots per block: first and last segment), then counts itself in the
+// n_tile's counter; the block that arrives last sums ALL slots of that n_tile in block
+// order (a fixed order, so results are bitwise reproducible), writes y and resets the
+// counter to 0 for the next launch (so the workspace needs no clearing: graph-safe).
+//
+// Constraints: K % 8 == 0 (16-byte activation rows), x 16-byte aligned, M <= 64.
+// Test: pytest tests/test_cuda_decode.py. Benchmark: python bench/cuda_decode_bench.py.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#include "dqgemm.h"
+
+namespace dqgemm {
+namespace decode {
+
+// ---------------------------------------------------------------------------------------
+// Small PTX helpers.
+// ---------------------------------------------------------------------------------------
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// Weights are read once: prefetch 256 bytes into L2 per request (the weight stream is
+// contiguous, so the neighbouring sectors are always wanted). This is a size hint, not an
+// eviction policy; createpolicy-based evict_first hints are avoided on purpose (they
+// misbehaved on H100 in public kernels).
+__device__ __forceinline__ void cp_async16_stream(uint32_t dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16;\n" ::"r"(dst), "l"(src));
+}
+
+// Activations / group parameters: src_bytes = 0 fills the 16 bytes with zeros.
+__device__ __forceinline__ void cp_async16_zfill(uint32_t dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+               "r"(src_bytes));
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+__device__ __forceinline__ uint4 lds128(uint32_t addr) {
+  uint4 v;
+  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "r"(addr));
+  return v;
+}
+
+__device__ __forceinline__ uint32_t lds32(uint32_t addr) {
+  uint32_t v;
+  asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(v) : "r"(addr));
+  return v;
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+// (a & b) | c in one instruction.
+__device__ __forceinline__ uint32_t lop3_and_or(uint32_t a, uint32_t b, uint32_t c) {
+  uint32_t d;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  return d;
+}
+
+__device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
+  return __byte_perm(a, b, sel);
+}
+
+// ---------------------------------------------------------------------------------------
+// Per-dtype arithmetic on packed pairs (32-bit registers holding two 16-bit values).
+// ---------------------------------------------------------------------------------------
+
+template <typename T> struct Pair;
+
+template <> struct Pair<__half> {
+  static constexpr uint32_t kMagic = 0x64006400u;  // 1024.0 in both halves
+  static constexpr uint32_t kOne = 0x3C003C00u;
+  static constexpr uint32_t kNegOne = 0xBC00BC00u;
+  __device__ __forceinline__ static uint32_t fma(uint32_t a, uint32_t b, uint32_t c) {
+    uint32_t d;
+    asm("fma.rn.f16x2 %0, %1, %2, %3;\n" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+  }
+  __device__ __forceinline__ static uint32_t splat(float v) {
+    __half2 h = __float2half2_rn(v);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+  __device__ __forceinline__ static uint32_t pack(float lo, float hi) {
+    __half2 h = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+  __device__ __forceinline__ static __half from_float(float v) { return __float2half_rn(v); }
+  __device__ __forceinline__ static float to_float(__half v) { return __half2float(v); }
+};
+
+template <> struct Pair<__nv_bfloat16> {
+  static constexpr uint32_t kMagic = 0x43004300u;  // 128.0 in both halves
+  static constexpr uint32_t kOne = 0x3F803F80u;
+  static constexpr uint32_t kNegOne = 0xBF80BF80u;
+  // fma.rn.bf16x2 exists from sm_80 (add/sub.bf16x2 only from sm_90): subtraction is
+  // written as fma(x, 1, -z) everywhere.
+  __device__ __forceinline__ static uint32_t fma(uint32_t a, uint32_t b, uint32_t c) {
+    uint32_t d;
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+  }
+  __device__ __forceinline__ static uint32_t splat(float v) {
+    __nv_bfloat162 h = __float2bfloat162_rn(v);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+  __device__ __forceinline__ static uint32_t pack(float lo, float hi) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+  __device__ __forceinline__ static __nv_bfloat16 from_float(float v) {
+    return __float2bfloat16_rn(v);
+  }
+  __device__ __forceinline__ static float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+};
+
+template <typename T>
+__device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                         uint32_t b1);
+
+template <>
+__device__ __forceinline__ void mma16816<__half>(float (&c)[4], const uint32_t (&a)[4],
+                                                 uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
+      "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+template <>
+__device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4],
+                                                        uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
+      "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// ---------------------------------------------------------------------------------------
+// Group parameters of one 16-row slice, for the two rows (r, r + 8) a lane touches.
+// Dequantization of a code pair x (already OR-ed into the magic exponent) is
+//   w = fma(fma(x, mul, nz), s, o)       with nz = -(magic + z): exact integer q - z,
+// then one rounding for the scale (and offset). Symmetric: z = 2^(bits-1), o = 0;
+// zero points: o = 0; offsets: z = 0.
+// ---------------------------------------------------------------------------------------
+
+struct GroupRegs {
+  uint32_t s_lo, s_hi;    // scale pairs of rows r and r+8
+  uint32_t nz_lo, nz_hi;  // -(magic + z) for rows r and r+8 (fp16 4-bit: row r+8 uses -(64+z))
+  uint32_t o_lo, o_hi;    // offsets (0 unless offset mode)
+};
+
+struct GroupRegsF32 {     // 8-bit bf16 path works in fp32
+  float s_lo, s_hi, nz_lo, nz_hi, o_lo, o_hi;
+};
+
+// Broadcast the low / high 16-bit half of w into both halves.
+__device__ __forceinline__ uint32_t lo_pair(uint32_t w) { return prmt(w, w, 0x1010); }
+__device__ __forceinline__ uint32_t hi_pair(uint32_t w) { return prmt(w, w, 0x3232); }
+
+template <typename T, int BITS>
+__device__ __forceinline__ void load_group(GroupRegs& g, uint32_t s_addr, uint32_t zo_addr,
+                                           int mode) {
+  using P = Pair<T>;
+  const uint32_t sw = lds32(s_addr);
+  g.s_lo = lo_pair(sw);
+  g.s_hi = hi_pair(sw);
+  // magic for the pair that sits at the low nibble / byte
+  const uint32_t neg_magic = P::fma(P::kMagic, P::kNegOne, 0u);
+  constexpr bool kF16Int4 = BITS == 4 && sizeof(T) == 2 && P::kMagic == 0x64006400u;
+  // fp16 4-bit: the odd nibbles come out as 1024 + 16 q and are scaled by 1/16 first,
+  // so their bias is 64 + z.
+  const uint32_t neg_magic_hi = kF16Int4 ? 0xD400D400u /* -64 */ : neg_magic;
+  if (mode == static_cast<int>(ZeroMode::kZeroPoint)) {
+    const uint32_t zw = lds32(zo_addr);
+    g.nz_lo = P::fma(lo_pair(zw), P::kNegOne, neg_magic);
+    g.nz_hi = P::fma(hi_pair(zw), P::kNegOne, neg_magic_hi);
+    g.o_lo = g.o_hi = 0u;
+  } else if (mode == static_cast<int>(ZeroMode::kOffset)) {
+    const uint32_t ow = lds32(zo_addr);
+    g.nz_lo = neg_magic;
+    g.nz_hi = neg_magic_hi;
+    g.o_lo = lo_pair(ow);
+    g.o_hi = hi_pair(ow);
+  } else {
+    const uint32_t zsym = P::splat(static_cast<float>(1 << (BITS - 1)));
+    g.nz_lo = P::fma(zsym, P::kNegOne, neg_magic);
+    g.nz_hi = P::fma(zsym, P::kNegOne, neg_magic_hi);
+    g.o_lo = g.o_hi = 0u;
+  }
+}
+
+__device__ __forceinline__ float bf16_lo(uint32_t w) { return __uint_as_float(w << 16); }
+__device__ __forceinline__ float bf16_hi(uint32_t w) { return __uint_as_float(w & 0xFFFF0000u); }
+
+__device__ __forceinline__ void load_group_f32(GroupRegsF32& g, uint32_t s_addr,
+                                               uint32_t zo_addr, int mode) {
+  constexpr float kMagic = 8388608.0f;  // 2^23: a byte OR-ed into its mantissa is exact
+  const uint32_t sw = lds32(s_addr);
+  g.s_lo = bf16_lo(sw);
+  g.s_hi = bf16_hi(sw);
+  if (mode == static_cast<int>(ZeroMode::kZeroPoint)) {
+    const uint32_t zw = lds32(zo_addr);
+    g.nz_lo = -(kMagic + bf16_lo(zw));
+    g.nz_hi = -(kMagic + bf16_hi(zw));
+    g.o_lo = g.o_hi = 0.f;
+  } else if (mode == static_cast<int>(ZeroMode::kOffset)) {
+    const uint32_t ow = lds32(zo_addr);
+    g.nz_lo = g.nz_hi = -kMagic;
+    g.o_lo = bf16_lo(ow);
+    g.o_hi = bf16_hi(ow);
+  } else {
+    g.nz_lo = g.nz_hi = -(kMagic + 128.f);
+    g.o_lo = g.o_hi = 0.f;
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Dequantization of one 16x16 A fragment (4 registers a0..a3, see the layout above).
+// ---------------------------------------------------------------------------------------
+
+template <typename T>
+__device__ __forceinline__ void dequant_int4(uint32_t q, const GroupRegs& g, uint32_t (&a)[4]);
+
+template <>
+__device__ __forceinline__ void dequant_int4<__half>(uint32_t q, const GroupRegs& g,
+                                                     uint32_t (&a)[4]) {
+  using P = Pair<__half>;
+  constexpr uint32_t kSixteenth = 0x2C002C00u;  // 1/16
+  const uint32_t q8 = q >> 8;
+  const uint32_t x0 = lop3_and_or(q, 0x000F000Fu, P::kMagic);
+  const uint32_t x1 = lop3_and_or(q, 0x00F000F0u, P::kMagic);
+  const uint32_t x2 = lop3_and_or(q8, 0x000F000Fu, P::kMagic);
+  const uint32_t x3 = lop3_and_or(q8, 0x00F000F0u, P::kMagic);
+  a[0] = P::fma(P::fma(x0, P::kOne, g.nz_lo), g.s_lo, g.o_lo);
+  a[1] = P::fma(P::fma(x1, kSixteenth, g.nz_hi), g.s_hi, g.o_hi);
+  a[2] = P::fma(P::fma(x2, P::kOne, g.nz_lo), g.s_lo, g.o_lo);
+  a[3] = P::fma(P::fma(x3, kSixteenth, g.nz_hi), g.s_hi, g.o_hi);
+}
+
+template <>
+__device__ __forceinline__ void dequant_int4<__nv_bfloat16>(uint32_t q, const GroupRegs& g,
+                                                            uint32_t (&a)[4]) {
+  // bf16 has 7 mantissa bits: a nibble at bits 4..7 would spill into the exponent, so
+  // every nibble is shifted down to bits 0..3 first.
+  using P = Pair<__nv_bfloat16>;
+  const uint32_t x0 = lop3_and_or(q, 0x000F000Fu, P::kMagic);
+  const uint32_t x1 = lop3_and_or(q >> 4, 0x000F000Fu, P::kMagic);
+  const uint32_t x2 = lop3_and_or(q >> 8, 0x000F000Fu, P::kMagic);
+  const uint32_t x3 = lop3_and_or(q >> 12, 0x000F000Fu, P::kMagic);
+  a[0] = P::fma(P::fma(x0, P::kOne, g.nz_lo), g.s_lo, g.o_lo);
+  a[1] = P::fma(P::fma(x1, P::kOne, g.nz_hi), g.s_hi, g.o_hi);
+  a[2] = P::fma(P::fma(x2, P::kOne, g.nz_lo), g.s_lo, g.o_lo);
+  a[3] = P::fma(P::fma(x3, P::kOne, g.nz_hi), g.s_hi, g.o_hi);
+}
+
+// 8-bit, fp16: prmt puts a code byte under the 0x64 exponent byte: 1024 + q, exact.
+__device__ __forceinline__ void dequant_int8_f16(uint32_t w0, uint32_t w1, const GroupRegs& g,
+                                                 uint32_t (&a)[4]) {
+  using P = Pair<__half>;
+  constexpr uint32_t kHi = 0x64646464u;
+  const uint32_t x0 = prmt(w0, kHi, 0x4240);  // bytes 0, 2: row r, k c, c+1
+  const uint32_t x1 = prmt(w0, kHi, 0x4341);  // bytes 1, 3: row r+8
+  const uint32_t x2 = prmt(w1, kHi, 0x4240);
+  const uint32_t x3 = prmt(w1, kHi, 0x4341);
+  a[0] = P::fma(P::fma(x0, P::kOne, g.nz_lo), g.s_lo, g.o_lo);
+  a[1] = P::fma(P::fma(x1, P::kOne, g.nz_hi), g.s_hi, g.o_hi);
+  a[2] = P::fma(P::fma(x2, P::kOne, g.nz_lo), g.s_lo, g.o_lo);
+  a[3] = P::fma(P::fma(x3, P::kOne, g.nz_hi), g.s_hi, g.o_hi);
+}
+
+// 8-bit, bf16: 8 significant bits do not fit bf16's magic trick, so each byte goes under
+// the fp32 exponent of 2^23 (exact), the bias is removed in fp32, scaled, and two values
+// are rounded into one bf16 pair.
+__device__ __forceinline__ uint32_t int8_pair_bf16(uint32_t w, uint32_t sel_lo, uint32_t sel_hi,
+                                                   float nz, float s, float o) {
+  constexpr uint32_t kExp = 0x4B000000u;
+  const float lo = __uint_as_float(prmt(w, kExp, sel_lo)) + nz;
+  const float hi = __uint_as_float(prmt(w, kExp, sel_hi)) + nz;
+  return Pair<__nv_bfloat16>::pack(fmaf(lo, s, o), fmaf(hi, s, o));
+}
+
+__device__ __forceinline__ void dequant_int8_bf16(uint32_t w0, uint32_t w1,
+                                                  const GroupRegsF32& g, uint32_t (&a)[4]) {
+  // selector 0x754b: result bytes = (w.byte b, 0, 0, 0x4B)
+  a[0] = int8_pair_bf16(w0, 0x7540, 0x7542, g.nz_lo, g.s_lo, g.o_lo);
+  a[1] = int8_pair_bf16(w0, 0x7541, 0x7543, g.nz_hi, g.s_hi, g.o_hi);
+  a[2] = int8_pair_bf16(w1, 0x7540, 0x7542, g.nz_lo, g.s_lo, g.o_lo);
+  a[3] = int8_pair_bf16(w1, 0x7541, 0x7543, g.nz_hi, g.s_hi, g.o_hi);
+}
+
+// ---------------------------------------------------------------------------------------
+// Tile configuration.
+// ---------------------------------------------------------------------------------------
+
+template <int BITS, int MT, int WN16, int BK, int STAGES>
+struct Config {
+  static constexpr int kBits = BITS;
+  static constexpr int kMT = MT;                 // tiles of 8 tokens (M <= 8 * MT)
+  static constexpr int kWN16 = WN16;             // 16-channel slices per warp
+  static constexpr int kBK = BK;                 // k per pipeline stage
+  static constexpr int kStages = STAGES;
+  static constexpr int kBN = 128;                // channels per n_tile (layout constant)
+  static constexpr int kWarps = 8 / WN16;
+  static constexpr int kThreads = 32 * kWarps;
+  static constexpr int kSpan = BITS == 4 ? 64 : 32;        // k per 16-byte lane chunk
+  static constexpr int kChunksPerStage = BK / kSpan;
+  static constexpr int kK16PerChunk = kSpan / 16;
+  static constexpr int kK16PerStage = BK / 16;
+  static constexpr int kWBytes = kBN * BK * BITS / 8;
+  static constexpr int kABytes = MT * 8 * BK * 2;
+  static constexpr int kPBytes = (BK / 32) * 256;          // at most BK/32 groups per stage
+  static constexpr int kStageBytes = kWBytes + kABytes + 2 * kPBytes;
+  static constexpr int kSmemBytes = STAGES * kStageBytes;
+  static_assert(BK % kSpan == 0 && BK % 32 == 0, "BK must hold whole lane chunks and k32 pairs");
+  static_assert(8 % WN16 == 0, "WN16 must divide 8");
+};
+
+// Owner block of unit u when U units are cut into G ranges [b*U/G, (b+1)*U/G).
+__device__ __forceinline__ int block_of_unit(int64_t u, int64_t units, int grid) {
+  return static_cast<int>(((u + 1) * grid - 1) / units);
+}
+
+__device__ __forceinline__ int64_t first_unit_of_block(int b, int64_t units, int grid) {
+  return static_cast<int64_t>(b) * units / grid;
+}
+
+// ---------------------------------------------------------------------------------------
+// The kernel.
+// ---------------------------------------------------------------------------------------
+
+template <typename T, typename Cfg>
+__global__ void __launch_bounds__(Cfg::kThreads)
+decode_gemm_kernel(const DecodeGemmParams p) {
+  using P = Pair<T>;
+  constexpr int kBits = Cfg::kBits, kMT = Cfg::kMT, kWN16 = Cfg::kWN16, kBK = Cfg::kBK;
+  constexpr int kStages = Cfg::kStages, kThreads = Cfg::kThreads, kBN = Cfg::kBN;
+  constexpr bool kF32Path = kBits == 8 && sizeof(T) == 2 && P::kMagic == 0x43004300u;
+  extern __shared__ __align__(16) uint8_t smem[];
+  __shared__ int s_last;
+
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  const int m_rows = static_cast<int>(p.m);
+  const int64_t n_out = p.n;
+  const int64_t k_real = p.k;
+  const int kc_per_tile = static_cast<int>(p.k_pad / kBK);
+  const int64_t k_blocks_per_tile = p.k_pad / Cfg::kSpan;
+  const int64_t units = (p.n_pad / kBN) * kc_per_tile;
+  const int grid = gridDim.x;
+  const int gs_log2 = p.group_size_log2;
+  const int gs_mask = (1 << gs_log2) - 1;
+  const int64_t groups_per_tile = p.groups_padded;
+  const int groups_per_stage = (kBK >> gs_log2) > 0 ? (kBK >> gs_log2) : 1;
+  const int mode = static_cast<int>(p.zero_mode);
+
+  const int64_t u_begin = first_unit_of_block(blockIdx.x, units, grid);
+  const int64_t u_end = first_unit_of_block(blockIdx.x + 1, units, grid);
+  if (u_begin >= u_end) return;  // whole block leaves together
+
+  const uint8_t* __restrict__ wbase = static_cast<const uint8_t*>(p.weight);
+  const uint8_t* __restrict__ sbase = static_cast<const uint8_t*>(p.scales);
+  const uint8_t* __restrict__ zbase = static_cast<const uint8_t*>(p.zo);
+  const T* __restrict__ x = static_cast<const T*>(p.x);
+  const uint32_t smem0 = smem_addr(smem);
+
+  // Token rows >= M are never loaded: zero them once in every stage so the unused mma
+  // columns see finite data.
+  for (int i = tid; i < kStages * (kMT * 8 - m_rows) * (kBK / 8); i += kThreads) {
+    const int per_stage = (kMT * 8 - m_rows) * (kBK / 8);
+    const int s = i / per_stage;
+    const int rest = i - s * per_stage;
+    const int row = m_rows + rest / (kBK / 8);
+    const int chunk = rest % (kBK / 8);
+    *reinterpret_cast<uint4*>(smem + s * Cfg::kStageBytes + Cfg::kWBytes + row * kBK * 2 +
+                              chunk * 16) = make_uint4(0, 0, 0, 0);
+  }
+
+  // Issue the cp.async copies of unit u into stage buffer s.
+  auto load_stage = [&](int64_t u, int s) {
+    const int64_t tile = u / kc_per_tile;
+    const int kc = static_cast<int>(u - tile * kc_per_tile);
+    const uint32_t st = smem0 + s * Cfg::kStageBytes;
+    // weights: one contiguous range
+    const uint8_t* wsrc = wbase + (tile * k_blocks_per_tile +
+                                   static_cast<int64_t>(kc) * Cfg::kChunksPerStage) * 4096;
+#pragma unroll
+    for (int i = 0; i < Cfg::kWBytes / 16 / kThreads; ++i) {
+      const int c = i * kThreads + tid;
+      cp_async16_stream(st + c * 16, wsrc + c * 16);
+    }
+    // activations: M rows x BK, chunk j of row m stored at chunk j ^ (m & 7)
+    const int64_t k0 = static_cast<int64_t>(kc) * kBK;
+    for (int c = tid; c < m_rows * (kBK / 8); c += kThreads) {
+      const int row = c / (kBK / 8);
+      const int j = c - row * (kBK / 8);
+      const int64_t k = k0 + j * 8;
+      const bool valid = k < k_real;
+      const T* src = valid ? x + row * k_real + k : x;
+      cp_async16_zfill(st + Cfg::kWBytes + row * kBK * 2 + ((j ^ (row & 7)) * 16), src,
+                       valid ? 16 : 0);
+    }
+    // group parameters of the groups this chunk touches
+    const int64_t g0 = k0 >> gs_log2;
+    const int pchunks = groups_per_stage * 16;
+    const int64_t poff = (tile * groups_per_tile + g0) * 256;
+    for (int c = tid; c < pchunks; c += kThreads) {
+      cp_async16_zfill(st + Cfg::kWBytes + Cfg::kABytes + c * 16, sbase + poff + c * 16, 16);
+      if (mode != static_cast<int>(ZeroMode::kSymmetric)) {
+        cp_async16_zfill(st + Cfg::kWBytes + Cfg::kABytes + Cfg::kPBytes + c * 16,
+                         zbase + poff + c * 16, 16);
+      }
+    }
+  };
+
+  float acc[kWN16][kMT][4];
+#pragma unroll
+  for (int i = 0; i < kWN16; ++i)
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[i][mt][e] = 0.f;
+
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (u_begin + s < u_end) load_stage(u_begin + s, s);
+    cp_async_commit();
+  }
+
+  const int first_tile = static_cast<int>(u_begin / kc_per_tile);
+  int seg_kc_begin = static_cast<int>(u_begin % kc_per_tile);
+  int stage = 0;
+
+  for (int64_t u = u_begin; u < u_end; ++u) {
+    cp_async_wait<kStages - 2>();
+    __syncthreads();  // stage `stage` is visible; everyone is done with the previous one
+    {
+      const int64_t un = u + kStages - 1;
+      int sn = stage + kStages - 1;
+      if (sn >= kStages) sn -= kStages;
+      if (un < u_end) load_stage(un, sn);
+      cp_async_commit();
+    }
+
+    // ---- compute on stage ----
+    const uint32_t st = smem0 + stage * Cfg::kStageBytes;
+    const uint32_t a_st = st + Cfg::kWBytes;
+    const uint32_t s_st = a_st + Cfg::kABytes;
+    const uint32_t z_st = s_st + Cfg::kPBytes;
+    GroupRegs g[kWN16];
+    GroupRegsF32 gf[kWN16];
+    uint32_t bfrag[kMT][2];
+    uint32_t bpair[4];
+#pragma unroll
+    for (int cb = 0; cb < Cfg::kChunksPerStage; ++cb) {
+      uint4 wq[kWN16];
+#pragma unroll
+      for (int i = 0; i < kWN16; ++i) {
+        wq[i] = lds128(st + ((cb * 8 + warp * kWN16 + i) * 32 + lane) * 16);
+      }
+#pragma unroll
+      for (int j = 0; j < Cfg::kK16PerChunk; ++j) {
+        const int ks = cb * Cfg::kK16PerChunk + j;  // k16 step inside the stage
+        if (((ks * 16) & gs_mask) == 0) {
+          const int gl = (ks * 16) >> gs_log2;
+#pragma unroll
+          for (int i = 0; i < kWN16; ++i) {
+            const uint32_t off = gl * 256 + (warp * kWN16 + i) * 32 + (lane >> 2) * 4;
+            if constexpr (kF32Path) {
+              load_group_f32(gf[i], s_st + off, z_st + off, mode);
+            } else {
+              load_group<T, kBits>(g[i], s_st + off, z_st + off, mode);
+            }
+          }
+        }
+        // B fragments (2 registers per token tile and k16 step) with ldmatrix.x4: one
+        // token tile over two k16 steps when M <= 8, else two token tiles over one step
+        // (fewer live registers at large M).
+        if constexpr (kMT == 1) {
+          if ((ks & 1) == 0) {
+            const int row = lane & 7;
+            const int chunk = ks * 2 + (lane >> 3);
+            ldmatrix_x4(bpair, a_st + row * kBK * 2 + ((chunk ^ (lane & 7)) * 16));
+          }
+          bfrag[0][0] = (ks & 1) ? bpair[2] : bpair[0];
+          bfrag[0][1] = (ks & 1) ? bpair[3] : bpair[1];
+        } else {
+#pragma unroll
+          for (int mt = 0; mt < kMT; mt += 2) {
+            const int row = mt * 8 + ((lane >> 4) << 3) + (lane & 7);
+            const int chunk = ks * 2 + ((lane >> 3) & 1);
+            uint32_t r[4];
+            ldmatrix_x4(r, a_st + row * kBK * 2 + ((chunk ^ (lane & 7)) * 16));
+            bfrag[mt][0] = r[0];
+            bfrag[mt][1] = r[1];
+            bfrag[mt + 1][0] = r[2];
+            bfrag[mt + 1][1] = r[3];
+          }
+        }
+#pragma unroll
+        for (int i = 0; i < kWN16; ++i) {
+          uint32_t a[4];
+          if constexpr (kBits == 4) {
+            const uint32_t q = j == 0 ? wq[i].x : j == 1 ? wq[i].y : j == 2 ? wq[i].z : wq[i].w;
+            dequant_int4<T>(q, g[i], a);
+          } else if constexpr (kF32Path) {
+            dequant_int8_bf16(j == 0 ? wq[i].x : wq[i].z, j == 0 ? wq[i].y : wq[i].w, gf[i], a);
+          } else {
+            dequant_int8_f16(j == 0 ? wq[i].x : wq[i].z, j == 0 ? wq[i].y : wq[i].w, g[i], a);
+          }
+#pragma unroll
+          for (int mt = 0; mt < kMT; ++mt) {
+            mma16816<T>(acc[i][mt], a, bfrag[mt][0], bfrag[mt][1]);
+          }
+        }
+      }
+    }
+    stage = stage + 1 == kStages ? 0 : stage + 1;
+
+    // ---- end of a segment (n_tile boundary or end of range): epilogue ----
+    const int64_t tile = u / kc_per_tile;
+    const int kc = static_cast<int>(u - tile * kc_per_tile);
+    if (kc == kc_per_tile - 1 || u + 1 == u_end) {
+      const bool full = seg_kc_begin == 0 && kc == kc_per_tile - 1;
+      const int64_t n_tile0 = tile * kBN;
+      const T* bias = static_cast<const T*>(p.bias);
+      T* y = static_cast<T*>(p.y);
+      if (full) {
+#pragma unroll
+        for (int i = 0; i < kWN16; ++i)
+#pragma unroll
+          for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const int m = mt * 8 + (lane & 3) * 2 + (e & 1);
+              const int64_t n = n_tile0 + (warp * kWN16 + i) * 16 + (lane >> 2) + (e >> 1) * 8;
+              if (m < m_rows && n < n_out) {
+                float v = acc[i][mt][e];
+                if (bias != nullptr) v += P::to_float(bias[n]);
+                y[m * n_out + n] = P::from_float(v);
+              }
+            }
+      } else {
+        // partial: write this block's slot, then count in
+        const int slot = 2 * blockIdx.x + (tile == first_tile ? 0 : 1);
+        float* ws = p.workspace + static_cast<int64_t>(slot) * m_rows * kBN;
+#pragma unroll
+        for (int i = 0; i < kWN16; ++i)
+#pragma unroll
+          for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const int m = mt * 8 + (lane & 3) * 2 + (e & 1);
+              const int nl = (warp * kWN16 + i) * 16 + (lane >> 2) + (e >> 1) * 8;
+              if (m < m_rows) __stcg(ws + m * kBN + nl, acc[i][mt][e]);
+            }
+        __threadfence();
+        __syncthreads();
+        const int b_first = block_of_unit(tile * kc_per_tile, units, grid);
+        const int b_last = block_of_unit(tile * kc_per_tile + kc_per_tile - 1, units, grid);
+        if (tid == 0) {
+          const int arrived = atomicAdd(p.counters + tile, 1);
+          s_last = arrived == b_last - b_first;
+          if (s_last) p.counters[tile] = 0;  // every contributor has counted: reset for reuse
+        }
+        __syncthreads();
+        if (s_last) {
+          __threadfence();
+          for (int e = tid; e < m_rows * kBN; e += kThreads) {
+            const int m = e / kBN;
+            const int nl = e - m * kBN;
+            const int64_t n = n_tile0 + nl;
+            float v = 0.f;
+            for (int b = b_first; b <= b_last; ++b) {
+              const int64_t fu = first_unit_of_block(b, units, grid);
+              const int sl = 2 * b + (fu / kc_per_tile == tile ? 0 : 1);
+              v += __ldcg(p.workspace + static_cast<int64_t>(sl) * m_rows * kBN + e);
+            }
+            if (n < n_out) {
+              if (bias != nullptr) v += P::to_float(bias[n]);
+              y[m * n_out + n] = P::from_float(v);
+            }
+          }
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < kWN16; ++i)
+#pragma unroll
+        for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) acc[i][mt][e] = 0.f;
+      seg_kc_begin = 0;
+    }
+  }
+  cp_async_wait<0>();
+}
+
+}  // namespace decode
+}  // namespace dqgemm

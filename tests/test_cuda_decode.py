@@ -1,0 +1,290 @@
+"""cuda_decode: the pure-PyTorch re-layout (CPU, runs in CI) and the CUDA kernel (GPU only).
+
+GPU tests compare against a float64 product of the dequantized weight on fresh random data,
+poison the output buffer before each launch, and check bitwise determinism and CUDA-graph
+replay. They skip cleanly when no GPU or no built extension is present.
+"""
+
+import pytest
+import torch
+
+import dqgemm
+from dqgemm import _ext, registry
+from dqgemm.kernels import cuda_decode as cd
+
+TOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+# ----------------------------------------------------------------------------------------
+# CPU: layouts.
+# ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("n,k", [(128, 128), (200, 576), (256, 1536), (130, 8), (1, 136)])
+def test_pack_unpack_round_trip(bits, n, k):
+    gen = torch.Generator().manual_seed(n * 7 + k)
+    codes = torch.randint(0, 1 << bits, (n, k), dtype=torch.uint8, generator=gen)
+    packed = cd.pack_decode_weight(codes, bits)
+    n_pad, k_pad = cd.padded_sizes(n, k)
+    assert packed.dtype == torch.uint8 and packed.numel() == n_pad * k_pad * bits // 8
+    assert torch.equal(cd.unpack_decode_weight(packed, bits, n, k), codes)
+
+
+def _lane_words(packed, bits, k_pad, tile, kblock, slice16, lane):
+    """The 16 bytes lane `lane` loads for (n_tile, k block, 16-row slice), as 4 words."""
+    span = 64 if bits == 4 else 32
+    chunk = ((tile * (k_pad // span) + kblock) * 8 + slice16) * 32 + lane
+    b = packed.view(-1, 16)[chunk].tolist()
+    return [b[4 * w] | b[4 * w + 1] << 8 | b[4 * w + 2] << 16 | b[4 * w + 3] << 24
+            for w in range(4)]
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_layout_matches_mma_fragment_order(bits):
+    """Independent decoder written from the mma.m16n8k16 A-fragment definition: lane l owns
+    rows r = l/4 and r+8, columns c = 2(l%4), c+1, c+8, c+9 of each 16x16 tile."""
+    n, k = 256, 256
+    gen = torch.Generator().manual_seed(3)
+    codes = torch.randint(0, 1 << bits, (n, k), dtype=torch.uint8, generator=gen)
+    packed = cd.pack_decode_weight(codes, bits)
+    span = 64 if bits == 4 else 32
+    for tile, kblock, slice16, lane in [(0, 0, 0, 0), (0, 1, 3, 5), (1, 2, 7, 31),
+                                        (1, 3, 5, 18)]:
+        words = _lane_words(packed, bits, k, tile, kblock, slice16, lane)
+        r, c = lane // 4, 2 * (lane % 4)
+        row0 = tile * 128 + slice16 * 16 + r
+        for k16 in range(span // 16):
+            k0 = kblock * span + k16 * 16 + c
+            # registers a0..a3 of the fragment: (row, k) of their low and high halves
+            want = [(row0, k0), (row0, k0 + 1), (row0 + 8, k0), (row0 + 8, k0 + 1),
+                    (row0, k0 + 8), (row0, k0 + 9), (row0 + 8, k0 + 8), (row0 + 8, k0 + 9)]
+            if bits == 4:
+                w = words[k16]
+                # lop3 with 0x000F000F / 0x00F000F0 on w and w >> 8 gives a0, a1, a2, a3
+                got = {0: w & 0xF, 1: (w >> 16) & 0xF, 2: (w >> 4) & 0xF, 3: (w >> 20) & 0xF,
+                       4: (w >> 8) & 0xF, 5: (w >> 24) & 0xF, 6: (w >> 12) & 0xF,
+                       7: (w >> 28) & 0xF}
+            else:
+                w0, w1 = words[2 * k16], words[2 * k16 + 1]
+                byte = lambda w, i: (w >> (8 * i)) & 0xFF  # noqa: E731
+                # prmt selectors 0x4240 / 0x4341: bytes (0, 2) and (1, 3)
+                got = {0: byte(w0, 0), 1: byte(w0, 2), 2: byte(w0, 1), 3: byte(w0, 3),
+                       4: byte(w1, 0), 5: byte(w1, 2), 6: byte(w1, 1), 7: byte(w1, 3)}
+            for i, (row, kk) in enumerate(want):
+                assert got[i] == int(codes[row, kk]), (tile, kblock, slice16, lane, k16, i)
+
+
+@pytest.mark.parametrize("group_size,k", [(32, 576), (64, 576), (128, 1536), (256, 1536),
+                                          (-1, 576)])
+def test_group_params_round_trip_and_lane_pairs(group_size, k):
+    n = 200
+    g = 1 if group_size == -1 else k // group_size
+    values = torch.randn(n, g).half()
+    packed = cd.pack_group_params(values, group_size, k, torch.float16)
+    assert torch.equal(cd.unpack_group_params(packed, n, g, group_size, k), values)
+    # one 32-bit load per lane: (row r, row r + 8) of slice a of group j
+    gp = cd.groups_padded(k, group_size)
+    tile, j, a, r = 1, g - 1, 3, 5
+    lo, hi = packed.view(-1, 2)[((tile * gp + j) * 8 + a) * 8 + r].tolist()
+    row = tile * 128 + a * 16 + r
+    assert lo == values[row, j].item() and hi == values[row + 8, j].item()
+
+
+def test_group_size_codes():
+    assert [cd.group_size_log2(1024, g) for g in (32, 64, 128, 256)] == [5, 6, 7, 8]
+    assert cd.group_size_log2(576, -1) == 30
+    assert cd.groups_padded(576, 64) == 10 and cd.groups_padded(576, -1) == 1
+
+
+def test_prepare_modes_and_act_order_on_cpu():
+    w = torch.randn(130, 256) * 0.02
+    qw = dqgemm.quantize(w, 4, 64, symmetric=False)
+    prep = cd.prepare_decode(qw)
+    assert prep.zero_mode == "zero_points" and prep.zero_points is not None
+    # fractional zero points become offsets o = -z * s: same dequantized weight
+    frac = qw.replace(zero_points=qw.zero_points.float() + 0.25)
+    prep = cd.prepare_decode(frac)
+    assert prep.zero_mode == "offsets"
+    codes = cd.unpack_decode_weight(prep.packed, 4, 130, 256).float()
+    s = prep.source_scales.repeat_interleave(64, 1)
+    o = prep.source_zo.repeat_interleave(64, 1)
+    torch.testing.assert_close(codes * s + o, frac.dequantize(), rtol=1e-5, atol=1e-6)
+    # act order: sorted columns + the gather index
+    perm = torch.randperm(256, generator=torch.Generator().manual_seed(0))
+    ao = qw.replace(g_idx=(torch.arange(256) // 64)[perm].to(torch.int32).contiguous())
+    prep = cd.prepare_decode(ao)
+    assert prep.act_index is not None and prep.act_index.dtype == torch.int64
+    sorted_codes = cd.unpack_decode_weight(prep.packed, 4, 130, 256)
+    assert torch.equal(sorted_codes, ao.codes()[:, prep.act_index])
+    # after sorting, column k belongs to group k // 64, as the kernel assumes
+    assert torch.equal(ao.group_index()[prep.act_index], torch.arange(256) // 64)
+
+
+def test_supports_reasons():
+    kernel = registry.get_kernel("cuda_decode")
+    base = registry.Problem(m=1, n=4096, k=4096, bits=4, group_size=128, dtype=torch.float16,
+                            scale_dtype=torch.float16, zero_mode="symmetric", act_order=False,
+                            device_type="cuda", device_name="NVIDIA H100", arch=(9, 0))
+    assert kernel.supports(base) is None
+    import dataclasses
+    assert "M = 1..64" in kernel.supports(dataclasses.replace(base, m=65))
+    assert "K % 8" in kernel.supports(dataclasses.replace(base, k=4100))
+    assert "fp16/bf16" in kernel.supports(dataclasses.replace(base, dtype=torch.float32))
+    assert "CUDA" in kernel.supports(dataclasses.replace(base, device_type="cpu"))
+    assert "8.0" in kernel.supports(dataclasses.replace(base, arch=(7, 5)))
+
+
+def test_launch_table_covers_every_tile():
+    table = cd.launch_table()
+    for bits in ("int4", "int8"):
+        assert sorted(int(t) for t in table[bits]) == [8, 16, 32, 64]
+
+
+# ----------------------------------------------------------------------------------------
+# GPU.
+# ----------------------------------------------------------------------------------------
+
+def _gpu_reason():
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    return registry.get_kernel("cuda_decode").available()
+
+
+gpu = pytest.mark.skipif(_gpu_reason() is not None, reason=f"needs a GPU: {_gpu_reason()}")
+
+
+def _make(n, k, bits, group_size, mode="symmetric", seed=0, act_order=False):
+    gen = torch.Generator().manual_seed(seed)
+    w = (torch.randn(n, k, generator=gen) * 0.02).cuda()
+    qw = dqgemm.quantize(w, bits, group_size, symmetric=mode == "symmetric")
+    if mode == "offsets":
+        qw = qw.replace(offsets=(torch.randn(n, qw.num_groups, generator=gen) * 0.01)
+                        .half().cuda())
+    if mode == "fractional_zero":
+        qw = qw.replace(zero_points=qw.zero_points.float() + 0.375)
+    if act_order:
+        perm = torch.randperm(k, generator=gen)
+        gs = k if group_size == -1 else group_size
+        g_idx = (torch.arange(k) // gs)[perm].to(torch.int32)
+        qw = qw.replace(g_idx=g_idx.cuda())
+    return qw
+
+
+def _check(qw, m, dtype, bias=False, seed=1, repeats=1):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, qw.in_features, generator=gen).to(dtype).cuda()
+    b = (torch.randn(qw.out_features, generator=gen) * 0.1).to(dtype).cuda() if bias else None
+    prep = cd.prepare_decode(qw)
+    outs = []
+    for _ in range(repeats):
+        out = torch.full((m, qw.out_features), float("nan"), dtype=dtype, device="cuda")
+        cd.decode_matmul(x, prep, b, out=out)
+        outs.append(out)
+    w = qw.dequantize(torch.float64)
+    ref = x.double() @ w.t()
+    if b is not None:
+        ref = ref + b.double()
+    out = outs[0]
+    assert torch.isfinite(out).all(), "output holds NaN/Inf (unwritten or overflow)"
+    err = ((out.double() - ref).norm() / ref.norm()).item()
+    assert err <= TOL[dtype], f"M={m} N={qw.out_features} K={qw.in_features}: {err:.3e}"
+    for other in outs[1:]:
+        assert torch.equal(other, out), "results differ between runs"
+    return out
+
+
+SHAPES = [(576, 576), (1536, 576), (576, 1536), (6144, 1536), (11008, 576), (576, 11008),
+          (13824, 576), (576, 13824), (1536, 6144)]
+
+
+@gpu
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("n,k", SHAPES)
+def test_shapes(n, k, bits):
+    qw = _make(n, k, bits, 64, seed=n + k)
+    for m in (1, 7, 16, 33, 64):
+        _check(qw, m, torch.float16, seed=m)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["symmetric", "zero_points", "offsets"])
+@pytest.mark.parametrize("group_size", [32, 64, 128, 256, -1])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_groups_modes_dtypes(bits, group_size, mode, dtype):
+    qw = _make(640, 1536, bits, group_size, mode, seed=group_size + 5)
+    for m in (1, 12, 29, 64):
+        _check(qw, m, dtype, bias=m == 12, seed=m)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_every_m(dtype):
+    qw4 = _make(384, 1536, 4, 128, seed=2)
+    qw8 = _make(384, 1536, 8, -1, seed=3)
+    for m in range(1, 65):
+        _check(qw4, m, dtype, seed=m)
+        _check(qw8, m, dtype, seed=m + 100)
+
+
+@gpu
+@pytest.mark.parametrize("bits", [4, 8])
+def test_act_order_and_fractional_zero(bits):
+    _check(_make(576, 1536, bits, 128, act_order=True, seed=4), 5, torch.float16)
+    _check(_make(576, 1536, bits, 64, "zero_points", act_order=True, seed=5), 17,
+           torch.bfloat16)
+    _check(_make(576, 1536, bits, 32, "fractional_zero", seed=6), 3, torch.float16)
+
+
+@gpu
+@pytest.mark.parametrize("m", [1, 5, 16, 40, 64])
+def test_bitwise_deterministic(m):
+    # long K, small N: many blocks share each 128-channel tile (stream-K fixup path)
+    qw = _make(576, 13824, 4, 128, seed=7)
+    _check(qw, m, torch.float16, repeats=4)
+    qw = _make(1536, 11008, 8, -1, "zero_points", seed=8)
+    _check(qw, m, torch.bfloat16, repeats=4)
+
+
+@gpu
+def test_counters_left_at_zero_and_graph_replay():
+    qw = _make(1536, 6144, 4, 128, seed=9)
+    prep = cd.prepare_decode(qw)
+    x = torch.randn(3, 6144, device="cuda", dtype=torch.float16)
+    eager = cd.decode_matmul(x, prep, None)
+    torch.cuda.synchronize()
+    for ws, counters in cd._WORKSPACES.values():
+        assert int(counters.abs().sum()) == 0
+    static_out = torch.empty_like(eager)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        cd.decode_matmul(x, prep, None, out=static_out)  # warm-up: workspace for this stream
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            cd.decode_matmul(x, prep, None, out=static_out)
+    torch.cuda.current_stream().wait_stream(stream)
+    for _ in range(3):
+        static_out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(static_out, eager)
+
+
+@gpu
+def test_public_matmul_dispatches_to_cuda_decode():
+    qw = _make(576, 1536, 4, 128, seed=10)
+    x = torch.randn(2, 3, 1536, device="cuda", dtype=torch.bfloat16)
+    bias = torch.randn(576, device="cuda", dtype=torch.float32)
+    out = dqgemm.matmul(x, qw, bias, backend="cuda")
+    assert out.shape == (2, 3, 576) and out.dtype == torch.bfloat16
+    ref = x.reshape(-1, 1536).double() @ qw.dequantize(torch.float64).t() + bias.double()
+    err = ((out.reshape(-1, 576).double() - ref).norm() / ref.norm()).item()
+    assert err <= TOL[torch.bfloat16]
+    assert "cuda_decode" in dqgemm.explain(x, qw, backend="cuda")
+
+
+def test_import_without_gpu_does_not_touch_cuda():
+    # the module imported at collection time; no extension call happened on import
+    assert cd.CudaDecodeKernel.name == "cuda_decode"
+    assert _ext.DTYPE_CODES[torch.float16] == 0
