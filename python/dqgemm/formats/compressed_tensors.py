@@ -136,7 +136,6 @@ def to_compressed_tensors(qweight: QuantizedWeight, *, name: str = "",
         raise ValueError(f"{tensor_name(name, 'offsets')}: compressed-tensors pack-quantized "
                          f"cannot store an additive offset (w = q*s + m)")
     bits, n, k = qweight.bits, qweight.out_features, qweight.in_features
-    half = 1 << (bits - 1)
     out = {
         "weight_packed": _pack_dense(qweight.codes(), bits),
         "weight_scale": qweight.scales.to(scale_dtype or qweight.scales.dtype).contiguous(),

@@ -18,7 +18,7 @@ the tests compare against.
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, Tuple, Union
+from typing import Dict, Tuple
 
 import numpy as np
 import torch
