@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# One call on a bare GPU machine: build dqgemm, run the tests, benchmark, summarize.
+#
+#   bash bench/gpu_check.sh [OUT_DIR]          (default: $OUT, else bench/out)
+#
+# Steps (each logged; a failing step is reported and the next still runs):
+#   1. facts: nvidia-smi (name, driver, clocks), python/torch/triton versions
+#   2. build: pip install --no-build-isolation --no-deps -e .  (DQGEMM_CUDA_ARCHS=90a by
+#      default); if the CUDA extension fails to build, rebuild without it so the peers and
+#      the Triton backend are still measured, and say so
+#   3. tests: python -m pytest -q tests (capped at TEST_TIMEOUT seconds)
+#   4. layer benchmark: python -m dqgemm bench $BENCH_ARGS --json --plot  (full table in
+#      bench.log)
+#   5. end-to-end decode: python -m dqgemm bench --model $E2E_MODEL $E2E_ARGS  (unless
+#      SKIP_E2E=1)
+#   6. summary (printed last): build/test status, the summary table, FP16 vs anchors.md,
+#      the decode table.
+# Files in OUT_DIR (at most 6, so they all come back from the device tool):
+#   check.log  bench.log  bench_<gpu>_<date>.json  bench_<gpu>_<date>.png  e2e_<gpu>_<date>.json
+#
+# Knobs (environment): BENCH_ARGS (default below), E2E_MODEL (llama3-8b), E2E_ARGS,
+# TEST_TIMEOUT (180), SKIP_TESTS=1, SKIP_E2E=1, SKIP_BUILD=1, PYTHON (python3).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT_DIR=${1:-${OUT:-bench/out}}
+mkdir -p "$OUT_DIR"
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+export DQGEMM_CUDA_ARCHS=${DQGEMM_CUDA_ARCHS:-90a}
+BENCH_ARGS=${BENCH_ARGS:-"--shapes anchors --m 1,16,64,256,1024,4096"}
+E2E_MODEL=${E2E_MODEL:-llama3-8b}
+E2E_ARGS=${E2E_ARGS:-"--batch-sizes 1,8,32 --e2e-backends all"}
+TEST_TIMEOUT=${TEST_TIMEOUT:-180}
+LOG="$OUT_DIR/check.log"
+T0=$(date +%s)
+stamp() { echo "[$(( $(date +%s) - T0 ))s] $*" | tee -a "$LOG"; }
+
+GPU_NAME=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
+case "$GPU_NAME" in
+  *H100*) TAG=h100 ;; *H200*) TAG=h200 ;; *A100*) TAG=a100 ;; "") TAG=cpu ;;
+  *) TAG=$(echo "$GPU_NAME" | tr -cs 'A-Za-z0-9' '_' | tr 'A-Z' 'a-z' | sed 's/_$//') ;;
+esac
+DATE=$(date -u +%F)
+JSON="$OUT_DIR/bench_${TAG}_${DATE}.json"
+PNG="$OUT_DIR/bench_${TAG}_${DATE}.png"
+E2E_JSON="$OUT_DIR/e2e_${TAG}_${DATE}.json"
+
+: > "$LOG"
+stamp "gpu_check: GPU='${GPU_NAME:-none}' out=$OUT_DIR"
+{
+  nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,power.limit,temperature.gpu --format=csv 2>&1
+  $PY -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" 2>&1
+} >> "$LOG"
+
+BUILD="ok"
+if [ "${SKIP_BUILD:-0}" != "1" ]; then
+  stamp "build: pip install -e . (DQGEMM_CUDA_ARCHS=$DQGEMM_CUDA_ARCHS)"
+  if ! $PY -m pip install --no-build-isolation --no-deps -e . >> "$LOG" 2>&1; then
+    BUILD="FAILED with the CUDA extension; rebuilt without it (DQGEMM_NO_CUDA=1)"
+    stamp "build: $BUILD"
+    grep -n "error" "$LOG" | head -20
+    DQGEMM_NO_CUDA=1 $PY -m pip install --no-build-isolation --no-deps -e . >> "$LOG" 2>&1 \
+      || BUILD="FAILED (even without the extension)"
+  fi
+fi
+stamp "build: $BUILD"
+$PY -m dqgemm info >> "$LOG" 2>&1 || stamp "dqgemm info failed"
+
+TESTS="skipped"
+if [ "${SKIP_TESTS:-0}" != "1" ]; then
+  stamp "tests: pytest -q tests (timeout ${TEST_TIMEOUT}s)"
+  timeout "$TEST_TIMEOUT" $PY -m pytest -q -p no:cacheprovider tests >> "$LOG" 2>&1
+  rc=$?
+  TESTS=$(grep -E "(passed|failed|error)" "$LOG" | tail -1)
+  [ $rc -eq 124 ] && TESTS="TIMED OUT after ${TEST_TIMEOUT}s (last: ${TESTS:-none})"
+  [ $rc -ne 0 ] && [ $rc -ne 124 ] && TESTS="rc=$rc: $TESTS"
+  stamp "tests: $TESTS"
+fi
+
+stamp "bench: python -m dqgemm bench $BENCH_ARGS"
+# shellcheck disable=SC2086
+$PY -m dqgemm bench $BENCH_ARGS --json "$JSON" --plot "$PNG" --table full \
+  > "$OUT_DIR/bench.log" 2>&1
+BENCH_RC=$?
+stamp "bench: rc=$BENCH_RC"
+
+E2E_RC="skipped"
+if [ "${SKIP_E2E:-0}" != "1" ]; then
+  stamp "e2e: python -m dqgemm bench --model $E2E_MODEL $E2E_ARGS"
+  # shellcheck disable=SC2086
+  $PY -m dqgemm bench --model "$E2E_MODEL" $E2E_ARGS --json "$E2E_JSON" --no-progress \
+    >> "$OUT_DIR/bench.log" 2>&1
+  E2E_RC=$?
+  stamp "e2e: rc=$E2E_RC"
+fi
+
+echo
+echo "================ summary ($(( $(date +%s) - T0 )) s) ================"
+echo "GPU: ${GPU_NAME:-none}   build: $BUILD   tests: $TESTS   bench rc: $BENCH_RC   e2e rc: $E2E_RC"
+if [ -f "$JSON" ]; then
+  $PY - "$JSON" <<'PYEOF'
+import json, statistics, sys
+from dqgemm.bench import report
+doc = json.load(open(sys.argv[1]))
+print(report.summary_table(doc))
+cmp = report.anchor_comparison(doc)
+if cmp:
+    ratios = [c["ratio"] for c in cmp]
+    print(f"FP16 vs anchors.md ({len(cmp)} points): median ratio {statistics.median(ratios):.3f}, "
+          f"range {min(ratios):.3f}-{max(ratios):.3f}")
+for note in report.skipped_notes(doc)[:12]:
+    print("  not timed:", note)
+PYEOF
+else
+  echo "no benchmark JSON; tail of bench.log:"; tail -30 "$OUT_DIR/bench.log"
+fi
+if [ -f "$E2E_JSON" ]; then
+  $PY -c "import json,sys; from dqgemm.bench.e2e import format_results; print(format_results(json.load(open(sys.argv[1]))['e2e']))" "$E2E_JSON"
+fi
