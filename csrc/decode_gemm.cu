@@ -29,13 +29,16 @@ using decode::Config;
 template <typename T, typename Cfg>
 cudaError_t launch_config(const DecodeGemmParams& p) {
   auto kernel = decode::decode_gemm_kernel<T, Cfg>;
-  if (Cfg::kSmemBytes > 48 * 1024) {
-    // Raising the dynamic shared-memory limit is per function and device; it is cheap, so
-    // it is done on every launch instead of caching per device (no host sync involved).
-    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           Cfg::kSmemBytes);
-    if (err != cudaSuccess) return err;
-  }
+  // The dynamic shared-memory limit (static + dynamic must fit without it: 48 KB) and the
+  // carveout (all of L1/shared as shared, so several blocks fit per SM) are per function
+  // and device; setting them is cheap and involves no host sync, so it happens on every
+  // launch instead of caching per device.
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         Cfg::kSmemBytes);
+  if (err != cudaSuccess) return err;
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                             cudaSharedmemCarveoutMaxShared);
+  if (err != cudaSuccess) return err;
   kernel<<<p.grid, Cfg::kThreads, Cfg::kSmemBytes, p.stream>>>(p);
   return cudaGetLastError();
 }
