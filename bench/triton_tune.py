@@ -147,7 +147,9 @@ def main():
     ap.add_argument("--mode", choices=("tune", "bench"), default="bench")
     ap.add_argument("--out", required=False)
     ap.add_argument("--table", default=None)
-    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--cuda-dequant", action="store_true",
+                    help="also time the cuda_dequant_gemm kernel (needs dqgemm._C)")
     ap.add_argument("--warm-only", action="store_true")
     ap.add_argument("--shard", default="0/1")
     ap.add_argument("--shapes", default="all")
@@ -185,7 +187,7 @@ def main():
                 dense = p.dense()
                 row["fp16_us"] = time_graph(
                     [lambda w=w: torch.nn.functional.linear(x, w) for w in dense], args.reps)
-                if m >= 64:
+                if args.cuda_dequant and m >= 64:
                     kern, preps = p.dequant_prepared()
                     row["cuda_dequant_us"] = time_graph(
                         [lambda pr=pr: kern.run(x, pr, None, p.spec) for pr in preps],
@@ -208,31 +210,47 @@ def main():
                 row["pct_of_floor"] = 100.0 * row["floor_us_anchor"] / best["us"]
                 row["speedup_vs_fp16"] = row["fp16_us"] / best["us"]
                 results.append(row)
+                fams = {}
+                for t in timings:
+                    if "us" in t:
+                        f = t["config"]["family"] + ("P" if t["config"]["planes"] else "")
+                        fams[f] = min(fams.get(f, 1e9), t["us"])
+                row["best_per_family_us"] = fams
                 print(f"{qname:9s} K={k:5d} N={n:5d} M={m:4d} fp16={row['fp16_us']:8.1f} "
-                      f"deq={row.get('cuda_dequant_us', float('nan')):8.1f} "
                       f"triton={best['us']:8.1f} ({best['config']['family']}) "
+                      + " ".join(f"{f}={v:.1f}" for f, v in fams.items()) + " "
                       f"floor%={row['pct_of_floor']:5.1f} x{row['speedup_vs_fp16']:.2f} "
                       f"err={row['rel_error']:.1e}", flush=True)
+                if args.out:
+                    dump(args.out, base_meta(args, t_start), results)
             del p
             torch.cuda.empty_cache()
     if args.warm_only:
         return
-    meta = {
+    meta = base_meta(args, t_start)
+    meta["copy_bandwidth_tb_s"] = copy_bandwidth() / 1e12
+    if args.out:
+        dump(args.out, meta, results)
+    if args.table:
+        write_table(args.table, results, meta)
+
+
+def dump(path, meta, results):
+    with open(path, "w") as f:
+        json.dump({"meta": meta, "results": results}, f, indent=1)
+
+
+def base_meta(args, t_start):
+    return {
         "device": torch.cuda.get_device_name(0), "date": datetime.datetime.utcnow().isoformat(),
         "torch": torch.__version__, "triton": __import__("triton").__version__,
         "python": platform.python_version(), "dqgemm": dqgemm.__version__,
         "command": " ".join(["python"] + sys.argv), "mode": args.mode,
-        "copy_bandwidth_tb_s": copy_bandwidth() / 1e12,
         "method": "kernel-only, median of CUDA-graph replays over rotated weight copies "
                   "(>= 3x L2), activations fp16, weights random codes",
         "floor": "max(bytes / 3.00 TB/s, 2MNK / 657 TFLOP/s) as in shared/notes/anchors.md",
         "seconds": time.time() - t_start,
     }
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"meta": meta, "results": results}, f, indent=1)
-    if args.table:
-        write_table(args.table, results, meta)
 
 
 def write_table(path, results, meta):

@@ -133,17 +133,20 @@ def test_config_table_is_valid():
             c = e.config
             assert c.family in tc.FAMILIES
             if c.family == "splitk":
-                assert c.block_k // (32 // (e.bits or 4)) >= 16, e
-                assert c.block_m >= 16 and (e.m_max or 10 ** 9) <= 64 * 4, e
+                assert c.block_k % (32 // (e.bits or 4)) == 0 and c.block_m >= 16, e
+                if c.planes:
+                    assert c.block_k // (32 // (e.bits or 4)) >= 16, e
             if c.family == "gemv":
                 assert e.m_max == 1, e
             assert c.block_n & (c.block_n - 1) == 0 and c.num_warps in (1, 2, 4, 8, 16)
 
 
-@pytest.mark.parametrize("m,family", [(1, "gemv"), (2, "splitk"), (16, "splitk"),
-                                      (64, "splitk"), (65, "gemm"), (4096, "gemm")])
-def test_heuristic_family_by_m(m, family):
-    assert tc.heuristic_config(4, 128, m, 4096, 4096, torch.device("cpu")).family == family
+@pytest.mark.parametrize("m,family,device", [
+    (1, "gemv", "cuda"), (2, "splitk", "cuda"), (16, "splitk", "cuda"), (64, "splitk", "cuda"),
+    (65, "dequant", "cuda"), (4096, "dequant", "cuda"), (4096, "splitk", "cpu")])
+def test_heuristic_family_by_m(m, family, device):
+    # torch.device("cuda") is only a name here: the heuristic queries nothing
+    assert tc.heuristic_config(4, 128, m, 4096, 4096, torch.device(device)).family == family
 
 
 def test_split_count_fills_the_machine():
@@ -173,21 +176,25 @@ def test_bf16_on_cpu_is_refused_with_reason():
 # CPU: the kernels in Triton's interpreter (fp16, shapes <= 256).
 # ----------------------------------------------------------------------------------------
 
+CPU_FAMILIES = ("gemv", "splitk", "planes", "gemm", "dequant")
+
+
 def _cpu_cases():
     """(family, bits, group_size, mode, act_order, m, n, k, split_k, bias) covering every
     value of each factor, with the families' step sizes both inside one group and not."""
     modes = ("symmetric", "zero_points", "offsets")
     group_sizes = (32, 64, 128, 256, -1)
+    ms = {"splitk": (3, 16, 17, 5, 2), "planes": (2, 17, 16, 3, 33),
+          "gemm": (64, 129, 17, 70, 33), "dequant": (5, 129, 64, 1, 20)}
     cases = []
     i = 0
-    for family, bits in itertools.product(("gemv", "splitk", "gemm"), (4, 8)):
+    for family, bits in itertools.product(CPU_FAMILIES, (4, 8)):
         for gs in group_sizes:
             mode = modes[i % 3]
             act = i % 4 == 1 and gs != -1
             k = 256 if gs in (128, 256) else (192 if gs == 64 else (160 if gs == 32 else 200))
             n = (96, 200, 64, 136, 256)[i % 5]
-            m = 1 if family == "gemv" else {"splitk": (3, 16, 17, 5, 2),
-                                              "gemm": (64, 129, 17, 70, 33)}[family][i % 5]
+            m = 1 if family == "gemv" else ms[family][i % 5]
             split = 1 + i % 3
             cases.append((family, bits, gs, mode, act, m, n, k, split, i % 2 == 0))
             i += 1
@@ -199,8 +206,12 @@ def _cpu_config(family, bits, split):
     if family == "gemv":
         return tc.TritonConfig("gemv", block_m=1, block_n=64, block_k=16 * e, split_k=split)
     if family == "splitk":
+        return tc.TritonConfig("splitk", block_m=16, block_n=64, block_k=128, split_k=split)
+    if family == "planes":
         return tc.TritonConfig("splitk", block_m=16, block_n=64, block_k=16 * e,
-                               split_k=split)
+                               split_k=split, planes=True)
+    if family == "dequant":
+        return tc.TritonConfig("dequant", block_m=1, block_n=64, block_k=8 * e)
     return tc.TritonConfig("gemm", block_m=32, block_n=64, block_k=64)
 
 
@@ -238,18 +249,21 @@ GPU_SHAPES = ((576, 6144), (1536, 576), (11008, 576), (4096, 6144), (256, 576))
 
 
 def _gpu_cases():
+    """Every (shape, M) pair, each with 4 combinations of (group size, dtype, bits, zero
+    mode, act-order) chosen so that every value of every factor meets every shape and M."""
     modes = ("symmetric", "zero_points", "offsets")
+    group_sizes = (32, 64, 128, 256, -1)
     cases = []
     i = 0
-    for (k, n), m, gs, dtype, bits in itertools.product(
-            GPU_SHAPES, GPU_MS, (32, 64, 128, 256, -1), (torch.float16, torch.bfloat16),
-            (4, 8)):
-        if gs != -1 and k % gs:
-            continue
-        if m == 1024 and k * n > 4096 * 6144 // 2 and (i % 3):
-            i += 1
-            continue    # keep the largest products to a third (time), every factor still met
-        cases.append((m, n, k, bits, gs, modes[i % 3], i % 5 == 2 and gs != -1, dtype))
+    for (k, n), m in itertools.product(GPU_SHAPES, GPU_MS):
+        for j in range(4):
+            gs = group_sizes[(i + j) % 5]
+            if gs != -1 and k % gs:
+                gs = -1 if j % 2 else 64
+            dtype = (torch.float16, torch.bfloat16)[(i + j // 2) % 2]
+            bits = (4, 8)[j % 2]
+            cases.append((m, n, k, bits, gs, modes[(i + j) % 3], (i + j) % 5 == 2 and gs != -1,
+                          dtype))
         i += 1
     return cases
 
@@ -270,13 +284,28 @@ def test_gpu_sweep_public_matmul(m, n, k, bits, gs, mode, act, dtype):
 
 def _gpu_forced_cases():
     cases = []
-    for family, m in (("gemv", 1), ("splitk", 1), ("splitk", 3), ("splitk", 17),
-                      ("splitk", 64), ("splitk", 129), ("gemm", 1), ("gemm", 16),
-                      ("gemm", 129), ("gemm", 1024)):
-        for bits, gs, mode in ((4, 32, "zero_points"), (4, 128, "symmetric"),
-                               (8, -1, "symmetric"), (8, 256, "offsets"), (4, 64, "offsets")):
+    for family, m in (("gemv", 1), ("splitk", 3), ("splitk", 17), ("splitk", 129),
+                      ("planes", 16), ("gemm", 64), ("gemm", 129), ("dequant", 3),
+                      ("dequant", 129)):
+        for bits, gs, mode in ((4, 32, "zero_points"), (8, -1, "symmetric"),
+                               (4, 128, "offsets"), (8, 64, "zero_points")):
             cases.append((family, m, bits, gs, mode))
     return cases
+
+
+def _gpu_config(family, bits, m):
+    e = 32 // bits
+    bm = 16 if m <= 16 else 64 if m <= 64 else 128
+    if family == "gemv":
+        return tc.TritonConfig("gemv", block_m=1, block_n=64, block_k=64 * e)
+    if family == "splitk":
+        return tc.TritonConfig("splitk", block_m=bm, block_n=128, block_k=128,
+                               num_warps=8 if bm == 128 else 4)
+    if family == "planes":
+        return tc.TritonConfig("splitk", block_m=bm, block_n=128, block_k=16 * e, planes=True)
+    if family == "dequant":
+        return tc.TritonConfig("dequant", block_m=1, block_n=128, block_k=16 * e)
+    return tc.TritonConfig("gemm", block_m=bm, block_n=128, block_k=64, num_warps=8)
 
 
 @needs_triton
@@ -288,14 +317,9 @@ def test_gpu_each_family_forced(family, m, bits, gs, mode, dtype):
     seed = seed_of(family, m, bits, gs, mode)
     qw = make_weight(n, k, bits, gs, mode, seed % 2 == 0, dtype, seed, "cuda")
     x = activations(m, k, dtype, seed, "cuda")
-    for cfg in [c for c in tc.candidate_configs(bits, max(m, 16 if family == "gemm" else m))
-                if c.family == family][:3] or [tc.heuristic_config(bits, gs, m, n, k, x.device)]:
-        if cfg.family == "splitk":
-            cfg = tc.TritonConfig("splitk", block_m=64 if m > 32 else 16, block_n=cfg.block_n,
-                                  block_k=cfg.block_k, num_warps=cfg.num_warps,
-                                  num_stages=cfg.num_stages)
-        out = run_forced(x, qw, cfg)
-        assert rel_error(out, x, qw) <= TOL[dtype], cfg
+    bias = torch.randn(n, device="cuda").to(dtype) if seed % 3 else None
+    out = run_forced(x, qw, _gpu_config(family, bits, m), bias)
+    assert rel_error(out, x, qw, bias) <= TOL[dtype]
 
 
 @needs_triton

@@ -9,6 +9,7 @@ One registered kernel, three kernel families, picked per call by :func:`choose_c
   gemv    triton_gemv.py      M == 1: no tensor cores, split-K over all SMs
   splitk  triton_splitk.py    small M: tensor cores on M padded to 16, split-K
   gemm    triton_gemm.py      large M: tiled GEMM, one program per output tile
+  dequant triton_dequant.py   large M: Triton dequantizes W^T into a buffer, then cuBLAS
 
 Prepared layout (built once per weight by prepare(), cached by ops.py):
   packed  int32 [KW, N], KW = ceil(K / E), E = 32 // bits codes per word. Word (r, n) holds
@@ -66,7 +67,7 @@ INTERPRET_AT_IMPORT = os.environ.get("TRITON_INTERPRET") == "1"
 
 MAGIC_F32 = 0x4B000000          # bits of 2.0**23
 ZERO_MODES = {"symmetric": 0, "zero_points": 1, "offsets": 2}
-FAMILIES = ("gemv", "splitk", "gemm")
+FAMILIES = ("gemv", "splitk", "gemm", "dequant")
 _CONFIG_FILE = os.path.join(os.path.dirname(__file__), "..", "configs", "triton_h100.json")
 
 
@@ -142,6 +143,9 @@ class TritonConfig:
     num_warps: int = 4
     num_stages: int = 3
     group_m: int = 8
+    planes: bool = False   # splitk only: E per-plane dots instead of one reshaped dot
+    ctas_per_sm: int = 2   # gemv/splitk with split_k = 0: split K until ~this many programs
+                           # per SM exist (more = finer load balance, larger reduction)
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -203,24 +207,27 @@ def _pow2_floor(v: int) -> int:
 
 def heuristic_config(bits: int, group_size: int, m: int, n: int, k: int,
                      device: torch.device) -> TritonConfig:
-    """The fallback for shapes/GPUs the table does not cover (commented rules of thumb).
+    """The fallback for shapes/GPUs the table does not cover (rules of thumb, from the
+    H100 tuning run of bench/results/triton_tune_h100_r1.json).
 
-    - M == 1: GEMV; 128 columns x 32 words per step keeps 4 warps busy with 16-byte loads.
-    - M <= 64: split-K tensor-core kernel with M padded to 16/32/64; 128 columns; 16 words
-      (128 INT4 / 64 INT8 codes) per step so each plane dot has K = 16.
-    - M > 64: tiled GEMM, 128x128x64 (64x128 up to M = 128), 8 warps, 3 stages.
+    - M == 1: GEMV, 64 columns x 512 INT4 codes per step (the best or near-best on all
+      five tuned shapes), 4 warps, split-K to ~2 waves.
+    - M <= 64: split-K tensor-core kernel, M padded to 16/32/64, 128 columns, one reshaped
+      dot per step of 128 codes.
+    - M > 64 (CUDA): Triton dequantization + cuBLAS; with the interpreter, the split-K
+      kernel (no cuBLAS needed, and a single launch).
     """
-    del group_size, k
+    del group_size, n, k
+    e = codes_per_word(bits)
     if m == 1:
-        return TritonConfig("gemv", block_m=1, block_n=128, block_k=32 * codes_per_word(bits),
-                            num_warps=4, num_stages=3)
-    if m <= 64:
+        return TritonConfig("gemv", block_m=1, block_n=64, block_k=64 * e, num_warps=4,
+                            num_stages=3)
+    if m <= 64 or device.type != "cuda":
         bm = 16 if m <= 16 else 32 if m <= 32 else 64
-        return TritonConfig("splitk", block_m=bm, block_n=128,
-                            block_k=16 * codes_per_word(bits), num_warps=4, num_stages=3)
-    bm = 64 if m <= 128 else 128
-    return TritonConfig("gemm", block_m=bm, block_n=128, block_k=64, num_warps=8 if bm == 128
-                        else 4, num_stages=3)
+        return TritonConfig("splitk", block_m=bm, block_n=128, block_k=128, num_warps=4,
+                            num_stages=3)
+    return TritonConfig("dequant", block_m=1, block_n=128, block_k=16 * e, num_warps=4,
+                        num_stages=1)
 
 
 def choose_config(bits: int, group_size: int, dtype: torch.dtype, m: int, n: int, k: int,
@@ -239,11 +246,11 @@ def choose_config(bits: int, group_size: int, dtype: torch.dtype, m: int, n: int
 
 def split_count(cfg: TritonConfig, tiles_mn: int, k_steps: int, device: torch.device
                 ) -> Tuple[int, int]:
-    """(splits, K steps per split): enough programs for ~2 waves, >= 2 steps per split."""
+    """(splits, K steps per split): ~cfg.ctas_per_sm programs per SM, >= 2 steps per split."""
     if cfg.split_k > 0:
         want = cfg.split_k
     else:
-        want = max(1, -(-2 * sm_count(device) // tiles_mn))
+        want = max(1, -(-cfg.ctas_per_sm * sm_count(device) // tiles_mn))
     want = max(1, min(want, k_steps // 2 if k_steps >= 4 else 1))
     per_split = -(-k_steps // want)
     return -(-k_steps // per_split), per_split
@@ -306,7 +313,7 @@ def group_per_step(args: LaunchArgs, step_k: int) -> bool:
 def run_with_config(x: torch.Tensor, args: LaunchArgs, bias: Optional[torch.Tensor],
                     cfg: TritonConfig, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Launches family ``cfg.family``; ``out`` (optional, [M, N] in x.dtype) is written."""
-    from . import triton_gemm, triton_gemv, triton_splitk
+    from . import triton_dequant, triton_gemm, triton_gemv, triton_splitk
     m = x.shape[0]
     if out is None:
         out = torch.empty(m, args.n, dtype=x.dtype, device=x.device)
@@ -316,6 +323,8 @@ def run_with_config(x: torch.Tensor, args: LaunchArgs, bias: Optional[torch.Tens
         return triton_gemv.launch(x, args, bias, cfg, out)
     if cfg.family == "splitk":
         return triton_splitk.launch(x, args, bias, cfg, out)
+    if cfg.family == "dequant":
+        return triton_dequant.launch(x, args, bias, cfg, out)
     return triton_gemm.launch(x, args, bias, cfg, out)
 
 
@@ -366,29 +375,29 @@ KERNEL = registry.register(TritonKernel())
 
 
 def candidate_configs(bits: int, m: int) -> List[TritonConfig]:
-    """Configs the tuning script (bench/triton_tune.py) tries for one M; kept small."""
+    """Configs the tuning script (bench/triton_tune.py) tries for one M; kept small (the
+    first tuning run, bench/results/triton_tune_h100_r1.json, pruned the rest)."""
     e = codes_per_word(bits)
     out: List[TritonConfig] = []
     if m == 1:
-        for bn, bkw, w in ((128, 32, 4), (256, 16, 4), (128, 64, 4), (64, 64, 4), (256, 32, 8)):
+        for bn, bkw, w, cps in ((64, 64, 4, 2), (64, 64, 4, 6), (128, 32, 4, 2), (64, 32, 4, 4)):
             out.append(TritonConfig("gemv", block_m=1, block_n=bn, block_k=bkw * e,
-                                    num_warps=w, num_stages=3))
-    if 1 <= m <= 64:
+                                    num_warps=w, num_stages=3, ctas_per_sm=cps))
+    if 2 <= m <= 64:
         bm = 16 if m <= 16 else 32 if m <= 32 else 64
-        for bn, bkw, w, st in ((128, 16, 4, 3), (64, 16, 4, 4), (128, 32, 4, 3),
-                               (256, 16, 8, 3), (64, 32, 4, 3)):
-            out.append(TritonConfig("splitk", block_m=bm, block_n=bn, block_k=bkw * e,
-                                    num_warps=w, num_stages=st))
-    if m >= 16:
-        bm = 16 if m <= 16 else 64 if m <= 64 else 128
-        shapes = [(128, 64, 4 if bm < 128 else 8, 3), (256, 64, 8, 3), (128, 128, 8, 3),
-                  (64, 64, 4, 4)]
-        if bm == 128:
-            shapes += [(128, 64, 8, 4), (256, 32, 8, 4)]
-        for bn, bk, w, st in shapes:
-            out.append(TritonConfig("gemm", block_m=bm, block_n=bn, block_k=bk, num_warps=w,
-                                    num_stages=st))
-        if bm == 128:
-            out.append(TritonConfig("gemm", block_m=64, block_n=256, block_k=64, num_warps=8,
-                                    num_stages=3))
+        for bn, bk, w, st, cps in ((128, 128, 4, 3, 2), (64, 128, 4, 3, 2), (128, 256, 8, 3, 2),
+                                   (128, 128, 4, 3, 4)):
+            out.append(TritonConfig("splitk", block_m=bm, block_n=bn, block_k=bk,
+                                    num_warps=w, num_stages=st, ctas_per_sm=cps))
+        out.append(TritonConfig("splitk", block_m=bm, block_n=128, block_k=16 * e,
+                                num_warps=4, num_stages=3, planes=True))
+    if m >= 64:
+        bm = 64 if m <= 64 else 128
+        out.append(TritonConfig("gemm", block_m=bm, block_n=128, block_k=128 if bm == 64
+                                else 64, num_warps=8, num_stages=3 if bm == 64 else 4))
+    if m >= 128:
+        out.append(TritonConfig("splitk", block_m=128, block_n=128, block_k=64, num_warps=8,
+                                num_stages=3))
+        out.append(TritonConfig("dequant", block_m=1, block_n=128, block_k=16 * e,
+                                num_warps=4, num_stages=1))
     return out

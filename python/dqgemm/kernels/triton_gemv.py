@@ -5,7 +5,8 @@ its 16 rows). Layout: the Triton layout of triton_common.py (int32 words [KW, N]
 K, scales [G, N], fp32 zero points / offsets [G, N], optional act-order permutation).
 
 Tiles: a program owns BLOCK_N output columns and a contiguous range of K steps (split-K);
-one step loads a [BLOCK_KW, BLOCK_N] tile of words (16-byte loads, contiguous along N) and,
+one step loads a [BLOCK_KW, BLOCK_N] tile of words (16-byte loads, contiguous along N; the
+next step's tile is loaded before this step's math, a register double buffer) and,
 for each of the E = 32 // bits codes of a word, accumulates x[k] * (q - z) into a
 [BLOCK_KW, BLOCK_N] fp32 register tile; the scale is applied once per word row (8 INT4
 codes), the cross-row sum happens once at the end. Per code that is a shift, an and-or
@@ -17,7 +18,7 @@ Split-K: with SPLIT > 1 each split writes fp32 partial sums to a workspace [SPLI
 triton_splitk.reduce_splits adds them in a fixed order (deterministic) with the bias.
 
 Constraints: M == 1; group sizes >= 8 codes (all kpack-v1 group sizes are).
-Test: tests/test_triton.py. Benchmark: bench/triton_bench.py.
+Test: tests/test_triton.py. Benchmark: bench/triton_tune.py.
 """
 
 from __future__ import annotations
@@ -43,11 +44,17 @@ if triton is not None:
         rows = tl.arange(0, BLOCK_KW)
         acc = tl.zeros((BLOCK_KW, BLOCK_N), dtype=tl.float32)
         step0 = pid_k * steps_per_split
+        row_end = tl.minimum(KW, (step0 + steps_per_split) * BLOCK_KW)
+        r = step0 * BLOCK_KW + rows
+        w_cols = w_ptr + offs_n[None, :]
+        words = tl.load(w_cols + r[:, None] * N, mask=(r < row_end)[:, None] & mask_n[None, :],
+                        other=0)
         for step in range(step0, step0 + steps_per_split):
-            r = step * BLOCK_KW + rows
-            mask_r = r < KW
-            mask_rn = mask_r[:, None] & mask_n[None, :]
-            words = tl.load(w_ptr + r[:, None] * N + offs_n[None, :], mask=mask_rn, other=0)
+            # register double buffer: issue the next step's loads before this step's math
+            r_next = r + BLOCK_KW
+            words_next = tl.load(w_cols + r_next[:, None] * N,
+                                 mask=(r_next < row_end)[:, None] & mask_n[None, :], other=0)
+            mask_rn = (r < KW)[:, None] & mask_n[None, :]
             if GROUP_PER_STEP:
                 g = (step * BLOCK_KW * E) // GS
                 s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
@@ -83,6 +90,8 @@ if triton is not None:
                 acc += (accq - xs[:, None] * z) * s
             else:
                 acc += accq * s + xs[:, None] * z
+            words = words_next
+            r = r_next
         res = tl.sum(acc, axis=0)
         if USE_WS:
             tl.store(ws_ptr + pid_k * N + offs_n, res, mask=mask_n)

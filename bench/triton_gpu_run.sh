@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# One device call for the Triton backend: build, GPU test sweep, compile warm-up, tune/bench.
+# Usage (repo root, on the GPU machine): bash bench/triton_gpu_run.sh tune|bench  (logs in $OUT)
+set -o pipefail
+export PYTHONUNBUFFERED=1 DQGEMM_CUDA_ARCHS=90a
+MODE=${1:-tune}
+OUT=${OUT:-/tmp/out}; mkdir -p $OUT
+T0=$(date +%s)
+timeout ${BUILD_TIMEOUT:-100} python3 -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | tail -3
+# if the build failed or timed out, the Python package still imports from the tree (no _C)
+export PYTHONPATH=$PWD/python:$PWD/tests${PYTHONPATH:+:$PYTHONPATH}
+echo "build done at $(( $(date +%s) - T0 ))s"; nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv,noheader
+timeout ${TEST_TIMEOUT:-110} python3 -m pytest -q -n 16 -p no:cacheprovider tests/test_triton.py \
+    --maxfail=30 -q -rf --tb=short -W ignore 2>&1 | tee $OUT/tests.log | grep -v -i warn | tail -40
+echo "tests done at $(( $(date +%s) - T0 ))s"
+for i in 0 1 2 3 4 5 6 7; do
+  timeout ${WARM_TIMEOUT:-40} python3 bench/triton_tune.py --mode $MODE --warm-only --shard $i/8 > /tmp/warm$i.log 2>&1 &
+done
+wait
+echo "warm done at $(( $(date +%s) - T0 ))s"; cat /tmp/warm*.log | grep -v Warning | tail -5
+if [ "$MODE" = tune ]; then
+  timeout ${TUNE_TIMEOUT:-120} python3 bench/triton_tune.py --mode tune --out $OUT/triton_tune_h100.json \
+      --table $OUT/triton_h100.json 2>&1 | tee $OUT/tune.log | grep -v Warning
+else
+  timeout ${TUNE_TIMEOUT:-120} python3 bench/triton_tune.py --mode bench --out $OUT/triton_bench_h100.json \
+      2>&1 | tee $OUT/bench.log | grep -v Warning
+fi
+echo "all done at $(( $(date +%s) - T0 ))s"
