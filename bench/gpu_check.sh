@@ -11,15 +11,16 @@
 #   3. tests: python -m pytest -q tests (capped at TEST_TIMEOUT seconds)
 #   4. layer benchmark: python -m dqgemm bench $BENCH_ARGS --json --plot  (full table in
 #      bench.log)
-#   5. end-to-end decode: python -m dqgemm bench --model $E2E_MODEL $E2E_ARGS  (unless
-#      SKIP_E2E=1)
+#   5. end-to-end decode: python -m dqgemm bench --model $E2E_MODEL $E2E_ARGS, FP16 and
+#      then each backend in its own process, merged (unless SKIP_E2E=1)
 #   6. summary (printed last): build/test status, the summary table, FP16 vs anchors.md,
 #      the decode table.
 # Files in OUT_DIR (at most 6, so they all come back from the device tool):
 #   check.log  bench.log  bench_<gpu>_<date>.json  bench_<gpu>_<date>.png  e2e_<gpu>_<date>.json
 #
 # Knobs (environment): BENCH_ARGS (default below), E2E_MODEL (llama3-8b), E2E_ARGS,
-# TEST_TIMEOUT (180), SKIP_TESTS=1, SKIP_E2E=1, SKIP_BUILD=1, PYTHON (python3).
+# E2E_BACKENDS (default: every usable backend but reference), TEST_TIMEOUT (180),
+# SKIP_TESTS=1, SKIP_E2E=1, SKIP_BUILD=1, PYTHON (python3).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${1:-${OUT:-bench/out}}
@@ -29,7 +30,7 @@ export PYTHONUNBUFFERED=1
 export DQGEMM_CUDA_ARCHS=${DQGEMM_CUDA_ARCHS:-90a}
 BENCH_ARGS=${BENCH_ARGS:-"--shapes anchors --m 1,16,64,256,1024,4096"}
 E2E_MODEL=${E2E_MODEL:-llama3-8b}
-E2E_ARGS=${E2E_ARGS:-"--batch-sizes 1,8,32 --e2e-backends all"}
+E2E_ARGS=${E2E_ARGS:-"--batch-sizes 1,8,32"}
 TEST_TIMEOUT=${TEST_TIMEOUT:-180}
 LOG="$OUT_DIR/check.log"
 T0=$(date +%s)
@@ -77,20 +78,48 @@ if [ "${SKIP_TESTS:-0}" != "1" ]; then
   stamp "tests: $TESTS"
 fi
 
-stamp "bench: python -m dqgemm bench $BENCH_ARGS"
-# shellcheck disable=SC2086
-$PY -m dqgemm bench $BENCH_ARGS --json "$JSON" --plot "$PNG" --table full \
-  > "$OUT_DIR/bench.log" 2>&1
-BENCH_RC=$?
-stamp "bench: rc=$BENCH_RC"
+# A CUDA error that breaks the context (illegal address) ends a process; the run then
+# resumes in a fresh one without the backend that broke it (runner.py, --resume).
+RESUME=""
+: > "$OUT_DIR/bench.log"
+for attempt in 1 2 3 4; do
+  stamp "bench: python -m dqgemm bench $BENCH_ARGS $RESUME"
+  # shellcheck disable=SC2086
+  $PY -m dqgemm bench $BENCH_ARGS --json "$JSON" --plot "$PNG" --table full $RESUME \
+    >> "$OUT_DIR/bench.log" 2>&1
+  BENCH_RC=$?
+  stamp "bench: rc=$BENCH_RC"
+  [ -f "$JSON" ] || break
+  ABORTED=$($PY -c "import json,sys; print(json.load(open(sys.argv[1])).get('aborted') or '')" "$JSON")
+  [ -z "$ABORTED" ] && break
+  stamp "bench: aborted ($ABORTED); resuming without the backend that broke the context"
+  RESUME="--resume $JSON"
+done
 
+# End-to-end decode: FP16 once, then each usable dqgemm backend in its own process (one
+# backend's CUDA error cannot take the others' rows with it); merged into one JSON.
 E2E_RC="skipped"
 if [ "${SKIP_E2E:-0}" != "1" ]; then
-  stamp "e2e: python -m dqgemm bench --model $E2E_MODEL $E2E_ARGS"
-  # shellcheck disable=SC2086
-  $PY -m dqgemm bench --model "$E2E_MODEL" $E2E_ARGS --json "$E2E_JSON" --no-progress \
-    >> "$OUT_DIR/bench.log" 2>&1
-  E2E_RC=$?
+  E2E_TMP=$(mktemp -d)
+  BACKENDS=${E2E_BACKENDS:-$($PY -c "from dqgemm.bench.e2e import usable_backends as u; print(' '.join(sorted(set(u(4, 'cuda')) | set(u(8, 'cuda')))))" 2>/dev/null)}
+  E2E_RC=0
+  i=0
+  for be in fp16 $BACKENDS; do
+    i=$((i + 1))
+    if [ "$be" = fp16 ]; then VARIANTS="--variants fp16"; BE="auto"; else VARIANTS="--variants int4,int8"; BE=$be; fi
+    stamp "e2e: python -m dqgemm bench --model $E2E_MODEL $E2E_ARGS $VARIANTS --e2e-backends $BE"
+    # shellcheck disable=SC2086
+    $PY -m dqgemm bench --model "$E2E_MODEL" $E2E_ARGS $VARIANTS --e2e-backends "$BE" \
+      --json "$E2E_TMP/e2e_$i.json" --no-progress >> "$OUT_DIR/bench.log" 2>&1 || E2E_RC=$?
+  done
+  $PY - "$E2E_JSON" "$E2E_TMP"/e2e_*.json <<'PYEOF' || E2E_RC="merge failed"
+import json, sys
+from dqgemm.bench.e2e import add_speedups
+docs = [json.load(open(p)) for p in sys.argv[2:]]
+merged = dict(docs[0], e2e=add_speedups([r for d in docs for r in d["e2e"]]),
+              commands=[d.get("command") for d in docs])
+json.dump(merged, open(sys.argv[1], "w"), indent=1)
+PYEOF
   stamp "e2e: rc=$E2E_RC"
 fi
 

@@ -165,3 +165,16 @@ def test_bad_options_are_refused():
     from dqgemm.bench.e2e import run_decode_benchmark
     with pytest.raises(ValueError, match="model"):
         run_decode_benchmark(model="llama9", device="cpu")
+
+
+def test_resume_keeps_cases_and_skips_the_backend_that_broke_the_context():
+    first = runner.run(_settings(cases.backend_tokens("torch_fp16,reference")), rf=FIXED_ROOF)
+    first["results"] = [r for r in first["results"] if r["backend"] != "reference"]
+    first["aborted"], first["aborted_by"] = "simulated illegal address", ["reference"]
+    kept = [(r["M"], r["us"]) for r in first["results"]]
+    again = runner.run(_settings(cases.backend_tokens("torch_fp16,reference"), resume=first))
+    assert "aborted" not in again and again["aborted_by"] == ["reference"]
+    assert [(r["M"], r["us"]) for r in again["results"]] == kept       # not re-measured
+    assert again["bandwidth_gb_s"] == FIXED_ROOF.bandwidth_gb_s        # ceilings reused
+    reasons = [s["reason"] for s in again["skipped"] if s["backend"] == "reference"]
+    assert len(reasons) == 2 and all("broke the CUDA context" in r for r in reasons)

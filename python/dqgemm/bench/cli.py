@@ -66,6 +66,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     o.add_argument("--table", choices=("full", "summary", "both", "none"), default="both",
                    help="what to print (default: full table, then the summary)")
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
+    o.add_argument("--resume", default=None, metavar="PATH",
+                   help="continue an aborted run (a CUDA error broke its context) from its "
+                        "JSON: keeps its cases, skips the backend that broke it")
     o.add_argument("--from-json", default=None, metavar="PATH",
                    help="print tables / plot from a saved document; measures nothing")
     e = parser.add_argument_group("end-to-end decode (--model)")
@@ -168,6 +171,10 @@ def main(args) -> int:
     for b in bits:
         if b not in (4, 8):
             raise ValueError(f"bits: expected 4 and/or 8, got {b}")
+    resume = None
+    if args.resume:
+        with open(args.resume) as f:
+            resume = json.load(f)
     settings = runner.Settings(
         shapes=shapes, ms=ms, bits=bits, dtype=DTYPES[args.dtype],
         quant=QuantSettings(group_size_int4=args.group_size,
@@ -175,7 +182,7 @@ def main(args) -> int:
         backends=backend_tokens(args.backends), device=device, reps=reps,
         warmup=args.warmup, rotate=not args.no_rotate, graphs=not args.no_graphs,
         reference_max_kn=args.reference_max_kn, reference_max_m=args.reference_max_m,
-        progress=not args.no_progress, command=command)
+        progress=not args.no_progress, command=command, resume=resume)
     doc = runner.run(settings)
     _emit(doc, args)
     return _status(doc)

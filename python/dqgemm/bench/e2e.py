@@ -340,6 +340,7 @@ def run_decode_benchmark(model: str = "llama3-8b", batch_sizes: Sequence[int] = 
     tick = (lambda: bar.update(1)) if bar is not None else None
 
     results: List[Dict] = []
+    broken: Optional[str] = None
     for variant, be, bits in plan:
         base = {"model": model, "layers": n_layers, "variant": variant, "backend": be,
                 "bits": bits or 16, "group_size": (group_size if bits == 4 else
@@ -347,6 +348,11 @@ def run_decode_benchmark(model: str = "llama3-8b", batch_sizes: Sequence[int] = 
                 "context": context, "cache_len": cache_len, "steps": steps, "graph": graph,
                 "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"}
         net = None
+        if broken:
+            results += [dict(base, batch=int(b), tokens_per_s=None, ms_per_token=None,
+                             ok=False, note=f"not run: CUDA context broken earlier ({broken})")
+                        for b in batch_sizes]
+            continue
         try:
             if bar is not None:
                 bar.set_postfix_str(f"building {variant}/{be}", refresh=False)
@@ -360,7 +366,7 @@ def run_decode_benchmark(model: str = "llama3-8b", batch_sizes: Sequence[int] = 
                                     ok=False, note=f"build failed: {type(exc).__name__}: "
                                     f"{str(exc)[:200]}"))
             net = None
-            _free(dev)
+            broken = _free(dev)
             continue
         for b in batch_sizes:
             b = int(b)
@@ -381,27 +387,52 @@ def run_decode_benchmark(model: str = "llama3-8b", batch_sizes: Sequence[int] = 
                     rec["note"] = "logits hold NaN/Inf"
             except Exception as exc:
                 rec["note"] = f"error: {type(exc).__name__}: {str(exc)[:200]}"
+                state = None
+                broken = _free(dev)
             results.append(rec)
             del state
             if tick:
                 tick()
+            if broken:
+                rec["note"] += " (CUDA context broken: the rest of the run is not run)"
+                break
+        done = {r["batch"] for r in results if r["variant"] == variant and r["backend"] == be}
+        results += [dict(base, batch=int(b), tokens_per_s=None, ms_per_token=None, ok=False,
+                         note=f"not run: CUDA context broken ({broken})")
+                    for b in batch_sizes if int(b) not in done]
         net = None
-        _free(dev)
+        broken = broken or _free(dev)
     if bar is not None:
         bar.close()
-    fp16 = {r["batch"]: r["ms_per_token"] for r in results
+    return add_speedups(results)
+
+
+def add_speedups(results: List[Dict]) -> List[Dict]:
+    """speedup_vs_fp16 = fp16's ms/token over each row's, per (model, layers, batch).
+
+    Also merges lists from several processes (bench/gpu_check.sh runs each backend in its
+    own process, so one backend's CUDA error cannot take the others' rows with it)."""
+    fp16 = {(r["model"], r["layers"], r["batch"]): r["ms_per_token"] for r in results
             if r["variant"] == "fp16" and r["ok"]}
     for r in results:
-        base_ms = fp16.get(r["batch"])
+        base_ms = fp16.get((r["model"], r["layers"], r["batch"]))
         r["speedup_vs_fp16"] = (base_ms / r["ms_per_token"]
                                 if base_ms and r["ok"] and r["ms_per_token"] else None)
     return results
 
 
-def _free(dev: torch.device) -> None:
+def _free(dev: torch.device) -> Optional[str]:
+    """Frees memory; returns why the CUDA context is unusable, or None."""
     gc.collect()
-    if dev.type == "cuda":
+    if dev.type != "cuda":
+        return None
+    try:
+        torch.cuda.synchronize(dev)
         torch.cuda.empty_cache()
+        torch.zeros(1, device=dev).add_(1).item()
+    except Exception as exc:
+        return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:160]}"
+    return None
 
 
 def format_results(results: List[Dict]) -> str:

@@ -10,7 +10,10 @@ For every (shape, M, method):
 4. after all cases: floor, percentage of floor and speedup over torch_fp16 of the same
    (shape, M) are filled in.
 A CUDA error that poisons the context (illegal address...) stops the run; what was
-measured until then is kept and the rest is listed as not run.
+measured until then is kept, the rest is listed as not run, and the backend that broke it
+is named in "aborted_by". ``--resume PATH`` continues such a run in a fresh process: cases
+already in the document are kept, the backends in "aborted_by" are skipped with that
+reason, the ceilings measured before are reused (bench/gpu_check.sh does this).
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ class Settings:
     reference_max_m: int = 1024
     progress: bool = True
     command: str = ""
+    resume: Optional[Dict] = None       # a document of an aborted run to continue
 
 
 def device_facts(device: torch.device) -> Dict:
@@ -92,6 +96,7 @@ def _context_broken(device: torch.device) -> Optional[str]:
     try:
         torch.cuda.synchronize(device)
         torch.zeros(1, device=device).add_(1).item()
+        torch.cuda.synchronize(device)
     except Exception as exc:
         return f"{type(exc).__name__}: {str(exc)[:200]}"
     return None
@@ -191,6 +196,21 @@ def run(settings: Settings, rf: Optional[roofline.Roofline] = None) -> Dict:
                     for k in registry.all_kernels()},
         "results": [], "skipped": [], "not_run": [], "e2e": [],
     }
+    prev = settings.resume
+    done = set()
+    banned: List[str] = []
+    if prev:
+        doc["created_utc"] = prev.get("created_utc", doc["created_utc"])
+        doc["results"] = list(prev.get("results", []))
+        doc["skipped"] = list(prev.get("skipped", []))
+        doc["aborts"] = list(prev.get("aborts", []))
+        banned = list(prev.get("aborted_by", []))
+        if banned:
+            doc["aborted_by"] = banned
+        done = {(tuple(r["shape"]), r["M"], r["backend"], r["bits"])
+                for r in doc["results"] + doc["skipped"]}
+        if rf is None and prev.get("roofline"):
+            rf = roofline.Roofline(**prev["roofline"])
     if rf is None:
         rf = roofline.measure(device)
     doc["bandwidth_gb_s"] = rf.bandwidth_gb_s
@@ -210,8 +230,18 @@ def run(settings: Settings, rf: Optional[roofline.Roofline] = None) -> Dict:
     for shape in settings.shapes:
         store = None
         try:
-            store = WeightStore(shape, device, settings.quant, seed=shape.k * 7 + shape.n,
-                                rotate=settings.rotate)
+            if not broken:
+                try:
+                    store = WeightStore(shape, device, settings.quant,
+                                        seed=shape.k * 7 + shape.n, rotate=settings.rotate)
+                except Exception as exc:
+                    broken = _context_broken(device)
+                    doc.setdefault("errors", []).append(
+                        f"{shape}: building the weights failed: {_short(exc)}")
+                    if not broken:
+                        if bar is not None:
+                            bar.update(len(settings.ms) * len(methods))
+                        continue
             for m in settings.ms:
                 for method in methods:
                     label = f"{shape} M={m} {method.backend}" + (
@@ -222,6 +252,15 @@ def run(settings: Settings, rf: Optional[roofline.Roofline] = None) -> Dict:
                     if broken:
                         doc["not_run"].append({"shape": [shape.k, shape.n], "M": m,
                                                "backend": method.backend, "bits": method.bits})
+                        continue
+                    if ((shape.k, shape.n), m, method.backend, method.bits) in done:
+                        continue
+                    if method.backend in banned:
+                        doc["skipped"].append({
+                            "shape": [shape.k, shape.n], "M": m, "bits": method.bits,
+                            "backend": method.backend,
+                            "reason": "not run: this backend broke the CUDA context earlier "
+                                      "in this run (see 'aborts')"})
                         continue
                     try:
                         reason = method.unsupported(store, m)
@@ -237,18 +276,29 @@ def run(settings: Settings, rf: Optional[roofline.Roofline] = None) -> Dict:
                     except Exception as exc:
                         rec = new_record(store, method, m, rf)
                         rec["note"] = f"error: {_short(exc)}"
+                        try:
+                            rec["kernel"] = method.kernel_name(store, m)
+                        except Exception:
+                            pass
                         if isinstance(exc, torch.cuda.OutOfMemoryError):
                             gc.collect()
                             torch.cuda.empty_cache()
                         broken = _context_broken(device)
                         if broken:
                             rec["note"] += f" (CUDA context broken; run stopped: {broken})"
+                            doc.setdefault("aborts", []).append(
+                                {"shape": [shape.k, shape.n], "M": m, "bits": method.bits,
+                                 "backend": method.backend, "error": rec["note"]})
+                            doc["aborted_by"] = banned + [method.backend]
                     doc["results"].append(rec)
         finally:
             del store
             gc.collect()
             if device.type == "cuda" and not broken:
-                torch.cuda.empty_cache()
+                try:
+                    torch.cuda.empty_cache()
+                except Exception as exc:   # an asynchronous error surfacing here
+                    broken = _short(exc)
     if bar is not None:
         bar.close()
     finish(doc["results"])
