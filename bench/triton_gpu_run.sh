@@ -10,9 +10,15 @@ timeout ${BUILD_TIMEOUT:-100} python3 -m pip install -q --no-build-isolation --n
 # if the build failed or timed out, the Python package still imports from the tree (no _C)
 export PYTHONPATH=$PWD/python:$PWD/tests${PYTHONPATH:+:$PYTHONPATH}
 echo "build done at $(( $(date +%s) - T0 ))s"; nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv,noheader
-timeout ${TEST_TIMEOUT:-110} python3 -m pytest -q -n 16 -p no:cacheprovider tests/test_triton.py \
-    --maxfail=30 -q -rf --tb=short -W ignore 2>&1 | tee $OUT/tests.log | grep -v -i warn | tail -40
+timeout ${TEST_TIMEOUT:-110} python3 -m pytest -n 16 -p no:cacheprovider tests/test_triton.py \
+    --maxfail=30 -rf --tb=line -W ignore -v 2>&1 | tee $OUT/tests.log | grep -E "FAIL|ERROR|passed|failed" | tail -40
 echo "tests done at $(( $(date +%s) - T0 ))s"
+if [ "$MODE" = tests ]; then
+  # quick check of the shipped table path (bench mode, rel. error per problem)
+  timeout ${TUNE_TIMEOUT:-30} python3 bench/triton_tune.py --mode bench --shapes ${SHAPES:-28672x8192} \
+      --ms 1,16,64,256 --out $OUT/triton_check.json 2>&1 | grep -v -i warn
+  exit 0
+fi
 for i in 0 1 2 3 4 5 6 7; do
   timeout ${WARM_TIMEOUT:-40} python3 bench/triton_tune.py --mode $MODE --warm-only --shard $i/8 > /tmp/warm$i.log 2>&1 &
 done

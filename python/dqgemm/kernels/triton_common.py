@@ -338,9 +338,12 @@ class TritonKernel(registry.Kernel):
 
     @property
     def priority(self) -> int:  # type: ignore[override]
-        # Above cuda_dequant_gemm (10) where a GPU exists; below "reference" (0) on a machine
-        # without one, so backend="auto" never picks the (slow) interpreter by itself.
-        return 20 if torch.cuda.is_available() else -1
+        # Where a GPU exists: above cuda_dequant_gemm (10; at M >= 256 the Triton
+        # dequant+cuBLAS family was faster on every tuned H100 shape: bench/results/
+        # triton_tune_h100_r1.json vs _r2.json) and below the hand-written cuda_decode (15)
+        # for the M <= 64 it serves. Without a GPU: below "reference" (0), so
+        # backend="auto" never picks the (slow) interpreter by itself.
+        return 12 if torch.cuda.is_available() else -1
 
     def available(self) -> Optional[str]:
         return TRITON_IMPORT_ERROR

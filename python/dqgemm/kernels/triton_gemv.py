@@ -44,12 +44,15 @@ if triton is not None:
         rows = tl.arange(0, BLOCK_KW)
         acc = tl.zeros((BLOCK_KW, BLOCK_N), dtype=tl.float32)
         step0 = pid_k * steps_per_split
-        row_end = tl.minimum(KW, (step0 + steps_per_split) * BLOCK_KW)
+        # the last split may own fewer steps; never step past K (a step's group index must
+        # stay < G: the per-step scale load is masked only along N)
+        step_end = tl.minimum(step0 + steps_per_split, tl.cdiv(KW, BLOCK_KW))
+        row_end = tl.minimum(KW, step_end * BLOCK_KW)
         r = step0 * BLOCK_KW + rows
         w_cols = w_ptr + offs_n[None, :]
         words = tl.load(w_cols + r[:, None] * N, mask=(r < row_end)[:, None] & mask_n[None, :],
                         other=0)
-        for step in range(step0, step0 + steps_per_split):
+        for step in range(step0, step_end):
             # register double buffer: issue the next step's loads before this step's math
             r_next = r + BLOCK_KW
             words_next = tl.load(w_cols + r_next[:, None] * N,
