@@ -91,15 +91,15 @@ def _fp16_field(blocks: torch.Tensor, start: int) -> torch.Tensor:
 def _blocks_to_kpack(qs: torch.Tensor) -> torch.Tensor:
     """[..., 16] GGUF nibble bytes -> [..., 16] kpack-v1 bytes of the same 32 codes.
 
-    GGUF byte j holds elements j (low) and j + 16 (high); kpack-v1 byte i holds elements
-    2i (low) and 2i + 1 (high). Bytes 0-7 of the result take the low nibbles of GGUF bytes
-    2i, 2i + 1; bytes 8-15 the high nibbles of bytes 2i - 16, 2i - 15. Byte arithmetic
-    only: the codes are never unpacked.
+    GGUF byte j holds elements j (low nibble) and j + 16 (high); kpack-v1 byte i holds
+    elements 2i (low) and 2i + 1 (high). Split the nibbles into the 32 codes in order, then
+    pair neighbours. (Strided uint8 shifts straight on the bytes are ~20x slower in PyTorch
+    on the CPU.)
     """
-    even, odd = qs[..., 0::2], qs[..., 1::2]
-    first = (even & 0x0F) | ((odd & 0x0F) << 4)
-    second = (even >> 4) | (odd & 0xF0)
-    return torch.cat((first, second), dim=-1)
+    qs = qs.contiguous()        # elementwise uint8 ops on the strided block view are slow
+    codes = torch.cat((qs & 0x0F, qs >> 4), dim=-1)                  # [..., 32], in order
+    pairs = codes.reshape(*codes.shape[:-1], 16, 2)
+    return pairs[..., 0] | (pairs[..., 1] << 4)
 
 
 def from_gguf(data, ggml_type, shape: Tuple[int, int], *, name: str = "") -> QuantizedWeight:
