@@ -165,7 +165,7 @@ def main():
             qw, copies = prepared_copies(k, n, bits, gs, dtype)
             for m in ms:
                 if args.tune and name.startswith("int4_g128_fp16") and m in (1, 16, 64):
-                    for bps in (1, 2, 3, 4, 6):
+                    for bps in (1, 2, 3, 4):
                         t, _ = bench_decode(copies, qw, m, dtype, bps, check=False)
                         tune.append({"variant": name, "K": k, "N": n, "M": m,
                                      "blocks_per_sm": bps, "us": t,

@@ -3,10 +3,10 @@
 // What it computes, the packed layouts, tiles and the deterministic stream-K partition are
 // described in decode_gemm.cuh. This file picks one configuration per token tile:
 //
-//   M <= 8 : 8 warps, 1 slice of 16 channels each, 1 token tile,  BK = 128
-//   M <= 16: 8 warps, 1 slice each,               2 token tiles, BK = 128
-//   M <= 32: 4 warps, 2 slices each,              4 token tiles, BK = 128
-//   M <= 64: 2 warps, 4 slices each,              8 token tiles, BK = 64
+//   M <= 8 : 8 warps, 1 slice of 16 channels each, 1 token tile,  BK = 128, 8 stages (4 at 8-bit)
+//   M <= 16: 8 warps, 1 slice each,               2 token tiles, BK = 128, 6 stages (4 at 8-bit)
+//   M <= 32: 4 warps, 2 slices each,              4 token tiles, BK = 128, 4 stages
+//   M <= 64: 2 warps, 4 slices each,              8 token tiles, BK = 64,  4 stages
 //
 // Why fewer warps per block as M grows: every warp reads the activation fragments of its
 // k step from shared memory, so the shared-memory traffic per weight byte grows with
@@ -46,8 +46,9 @@ cudaError_t launch_config(const DecodeGemmParams& p) {
 template <typename T, int BITS>
 cudaError_t launch_tile(const DecodeGemmParams& p) {
   switch (decode_gemm_m_tile(p.m)) {
-    case 8: return launch_config<T, Config<BITS, 1, 1, 128, 4>>(p);
-    case 16: return launch_config<T, Config<BITS, 2, 1, 128, 4>>(p);
+    // Deeper pipelines where the stage is small (4-bit): more bytes in flight per SM.
+    case 8: return launch_config<T, Config<BITS, 1, 1, 128, BITS == 4 ? 8 : 4>>(p);
+    case 16: return launch_config<T, Config<BITS, 2, 1, 128, BITS == 4 ? 6 : 4>>(p);
     case 32: return launch_config<T, Config<BITS, 4, 2, 128, 4>>(p);
     case 64: return launch_config<T, Config<BITS, 8, 4, 64, 4>>(p);
     default: return cudaErrorInvalidValue;

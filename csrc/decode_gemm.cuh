@@ -439,9 +439,9 @@ decode_gemm_kernel(const DecodeGemmParams p) {
   }
 
   // Issue the cp.async copies of unit u into stage buffer s.
-  auto load_stage = [&](int64_t u, int s) {
-    const int64_t tile = u / kc_per_tile;
-    const int kc = static_cast<int>(u - tile * kc_per_tile);
+  // (The unit index u = tile * kc_per_tile + kc is walked with two cursors, one for loads,
+  // one for compute, so the main loop has no 64-bit division.)
+  auto load_stage = [&](int64_t tile, int kc, int s) {
     const uint32_t st = smem0 + s * Cfg::kStageBytes;
     // weights: one contiguous range
     const uint8_t* wsrc = wbase + (tile * k_blocks_per_tile +
@@ -483,14 +483,28 @@ decode_gemm_kernel(const DecodeGemmParams p) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[i][mt][e] = 0.f;
 
+  const int64_t first_tile = u_begin / kc_per_tile;
+  int64_t load_tile = first_tile;
+  int load_kc = static_cast<int>(u_begin - first_tile * kc_per_tile);
+  int64_t tile = load_tile;  // compute cursor
+  int kc = load_kc;
+  auto advance = [&](int64_t& t, int& c) {
+    if (++c == kc_per_tile) {
+      c = 0;
+      ++t;
+    }
+  };
+
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
-    if (u_begin + s < u_end) load_stage(u_begin + s, s);
+    if (u_begin + s < u_end) {
+      load_stage(load_tile, load_kc, s);
+      advance(load_tile, load_kc);
+    }
     cp_async_commit();
   }
 
-  const int first_tile = static_cast<int>(u_begin / kc_per_tile);
-  int seg_kc_begin = static_cast<int>(u_begin % kc_per_tile);
+  int seg_kc_begin = kc;
   int stage = 0;
 
   for (int64_t u = u_begin; u < u_end; ++u) {
@@ -500,7 +514,10 @@ decode_gemm_kernel(const DecodeGemmParams p) {
       const int64_t un = u + kStages - 1;
       int sn = stage + kStages - 1;
       if (sn >= kStages) sn -= kStages;
-      if (un < u_end) load_stage(un, sn);
+      if (un < u_end) {
+        load_stage(load_tile, load_kc, sn);
+        advance(load_tile, load_kc);
+      }
       cp_async_commit();
     }
 
@@ -580,8 +597,6 @@ decode_gemm_kernel(const DecodeGemmParams p) {
     stage = stage + 1 == kStages ? 0 : stage + 1;
 
     // ---- end of a segment (n_tile boundary or end of range): epilogue ----
-    const int64_t tile = u / kc_per_tile;
-    const int kc = static_cast<int>(u - tile * kc_per_tile);
     if (kc == kc_per_tile - 1 || u + 1 == u_end) {
       const bool full = seg_kc_begin == 0 && kc == kc_per_tile - 1;
       const int64_t n_tile0 = tile * kBN;
@@ -628,19 +643,39 @@ decode_gemm_kernel(const DecodeGemmParams p) {
         __syncthreads();
         if (s_last) {
           __threadfence();
-          for (int e = tid; e < m_rows * kBN; e += kThreads) {
-            const int m = e / kBN;
-            const int nl = e - m * kBN;
-            const int64_t n = n_tile0 + nl;
-            float v = 0.f;
-            for (int b = b_first; b <= b_last; ++b) {
-              const int64_t fu = first_unit_of_block(b, units, grid);
-              const int sl = 2 * b + (fu / kc_per_tile == tile ? 0 : 1);
-              v += __ldcg(p.workspace + static_cast<int64_t>(sl) * m_rows * kBN + e);
+          // Contributors b_first..b_last in block order. Block b > b_first starts inside
+          // this tile, so its segment here is its first (slot 2b); b_first's is its first
+          // segment only if it starts exactly at the tile's first unit.
+          const int64_t slot_floats = static_cast<int64_t>(m_rows) * kBN;
+          const bool starts_here =
+              first_unit_of_block(b_first, units, grid) == tile * kc_per_tile;
+          const float4* first = reinterpret_cast<const float4*>(
+              p.workspace + (2 * static_cast<int64_t>(b_first) + (starts_here ? 0 : 1)) *
+                                slot_floats);
+          const int vecs = m_rows * kBN / 4;
+          for (int v = tid; v < vecs; v += kThreads) {
+            float4 sum = __ldcg(first + v);
+#pragma unroll 4
+            for (int b = b_first + 1; b <= b_last; ++b) {
+              const float4 t = __ldcg(reinterpret_cast<const float4*>(
+                                          p.workspace + 2 * static_cast<int64_t>(b) * slot_floats) +
+                                      v);
+              sum.x += t.x;
+              sum.y += t.y;
+              sum.z += t.z;
+              sum.w += t.w;
             }
-            if (n < n_out) {
-              if (bias != nullptr) v += P::to_float(bias[n]);
-              y[m * n_out + n] = P::from_float(v);
+            const int m = (v * 4) / kBN;
+            const int nl = (v * 4) - m * kBN;
+            const float vals[4] = {sum.x, sum.y, sum.z, sum.w};
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const int64_t n = n_tile0 + nl + e;
+              if (n < n_out) {
+                float val = vals[e];
+                if (bias != nullptr) val += P::to_float(bias[n]);
+                y[m * n_out + n] = P::from_float(val);
+              }
             }
           }
         }
@@ -653,6 +688,7 @@ decode_gemm_kernel(const DecodeGemmParams p) {
           for (int e = 0; e < 4; ++e) acc[i][mt][e] = 0.f;
       seg_kc_begin = 0;
     }
+    advance(tile, kc);
   }
   cp_async_wait<0>();
 }

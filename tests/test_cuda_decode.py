@@ -138,6 +138,16 @@ def test_launch_table_covers_every_tile():
     table = cd.launch_table()
     for bits in ("int4", "int8"):
         assert sorted(int(t) for t in table[bits]) == [8, 16, 32, 64]
+    assert sorted(int(t) for t in cd.max_splits_table()) == [8, 16, 32, 64]
+
+
+def test_grid_never_exceeds_units_or_split_cap(monkeypatch):
+    monkeypatch.setattr(cd, "_sm_count", lambda device_index: 132)
+    # 576 x 576: 5 tiles x 5 k-chunks = 25 units < 264 blocks
+    assert cd.grid_size(1, 576, 576, 4, 0) == 25
+    # M = 64 on 4096 x 4096: 32 tiles, at most 4 blocks per tile
+    assert cd.grid_size(64, 4096, 4096, 4, 0) == 32 * int(cd.max_splits_table()["64"])
+    assert cd.grid_size(1, 28672, 8192, 4, 0, blocks_per_sm=3) == 396
 
 
 # ----------------------------------------------------------------------------------------
@@ -156,7 +166,8 @@ gpu = pytest.mark.skipif(_gpu_reason() is not None, reason=f"needs a GPU: {_gpu_
 def _make(n, k, bits, group_size, mode="symmetric", seed=0, act_order=False):
     gen = torch.Generator().manual_seed(seed)
     w = (torch.randn(n, k, generator=gen) * 0.02).cuda()
-    qw = dqgemm.quantize(w, bits, group_size, symmetric=mode == "symmetric")
+    qw = dqgemm.quantize(w, bits, group_size,
+                         symmetric=mode not in ("zero_points", "fractional_zero"))
     if mode == "offsets":
         qw = qw.replace(offsets=(torch.randn(n, qw.num_groups, generator=gen) * 0.01)
                         .half().cuda())

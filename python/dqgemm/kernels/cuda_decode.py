@@ -214,10 +214,19 @@ def _zero_mode_and_terms(qw: QuantizedWeight):
 # ----------------------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=None)
+def _config() -> Dict:
+    with open(_CONFIG_FILE) as f:
+        return json.load(f)
+
+
 def launch_table() -> Dict[str, Dict[str, int]]:
     """configs/cuda_decode.json: blocks per SM for each token tile, by weight bits."""
-    with open(_CONFIG_FILE) as f:
-        return json.load(f)["blocks_per_sm"]
+    return _config()["blocks_per_sm"]
+
+
+def max_splits_table() -> Dict[str, int]:
+    """configs/cuda_decode.json: most blocks sharing one 128-channel tile, by token tile."""
+    return _config()["max_splits_per_tile"]
 
 
 def m_tile(m: int) -> int:
@@ -236,12 +245,15 @@ def _sm_count(device_index: int) -> int:
 
 def grid_size(m: int, n: int, k: int, bits: int, device_index: int,
               blocks_per_sm: Optional[int] = None) -> int:
-    """Stream-K grid: SMs x blocks per SM, at most one block per unit of work."""
+    """Stream-K grid: SMs x blocks per SM, at most one block per unit of work and at most
+    max_splits_per_tile blocks per 128-channel tile (on average)."""
     n_pad, k_pad = padded_sizes(n, k)
-    units = (n_pad // TILE_N) * (k_pad // stage_k(m))
+    tiles = n_pad // TILE_N
+    units = tiles * (k_pad // stage_k(m))
     if blocks_per_sm is None:
         blocks_per_sm = int(launch_table()[f"int{bits}"][str(m_tile(m))])
-    return max(1, min(units, _sm_count(device_index) * blocks_per_sm))
+    splits = int(max_splits_table()[str(m_tile(m))])
+    return max(1, min(units, _sm_count(device_index) * blocks_per_sm, tiles * splits))
 
 
 # (device index, stream handle) -> [fp32 workspace, int32 counters]
