@@ -227,6 +227,18 @@ def test_interpreter_sweep(family, bits, gs, mode, act, m, n, k, split, with_bia
     assert rel_error(out, x, qw, bias) <= TOL[torch.float16]
 
 
+@needs_triton
+@needs_cpu_interpreter
+@pytest.mark.parametrize("family,bits,k,n,m", [("gemv", 4, 77, 33, 1), ("splitk", 4, 77, 1, 3),
+                                               ("dequant", 8, 99, 17, 2), ("gemm", 4, 33, 5, 4)])
+def test_interpreter_odd_shapes(family, bits, k, n, m):
+    """K not a multiple of the codes per word (padding codes must add nothing), N = 1."""
+    qw = make_weight(n, k, bits, -1, "zero_points", False, torch.float16, k + n, "cpu")
+    x = activations(m, k, torch.float16, k, "cpu")
+    out = run_forced(x, qw, _cpu_config("splitk" if family == "splitk" else family, bits, 2))
+    assert rel_error(out, x, qw) <= 2e-3
+
+
 def _nan_guarded(t):
     """The same values, followed in memory by NaN rows: a kernel reading past the last
     group (the interpreter does no bounds checks) then produces NaN."""
