@@ -219,3 +219,29 @@ def test_errors():
     with pytest.raises(ValueError, match=r"zero_points: expected zero points in \[1, 16\]"):
         to_gptq(zero_z, "gptq")
     assert to_gptq(zero_z, "gptq_v2")["qzeros"].abs().sum() == 0
+
+
+def test_act_order_checkpoint_on_triton_kernel():
+    """An act-order GPTQ layer on the Triton kernel (its CPU interpreter without a GPU): the
+    kernel's prepared weight is sorted by group once (act_index = the column permutation,
+    groups contiguous), and the product matches the float64 reference."""
+    pytest.importorskip("triton")
+    from dqgemm import ops
+    n, k, bits, gs = 64, 256, 4, 32
+    weight, scales, zeros, g_idx, codes = _problem(n, k, bits, gs, False, True, seed=21)
+    qw = from_gptq(_pack_by_loops(codes.t().contiguous(), bits, 0),
+                   _pack_by_loops((zeros - 1).t().contiguous(), bits, 1),
+                   scales.t().contiguous(), g_idx, bits=bits, group_size=gs)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    qw = qw.to(device)
+    x = random_activation((4, k), torch.float16, device=device)
+    out = dqgemm.matmul(x, qw, backend="triton")
+    assert_close_product(out, x, qw.dequantize())
+    problem = ops.make_problem(x, qw.qdata, qw.scales, qw.zero_points, qw.offsets, qw.g_idx,
+                               bits, gs)
+    kernel = ops.select_kernel(problem, "triton")
+    prepared = ops.prepared_for(kernel, qw.qdata, qw.scales, qw.zero_points, qw.offsets,
+                                qw.g_idx, bits, gs, k)
+    _, perm = sort_by_group(qw)
+    assert prepared.act_index is not None
+    assert torch.equal(prepared.act_index.long().cpu(), perm.cpu())
