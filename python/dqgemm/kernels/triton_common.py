@@ -230,9 +230,14 @@ def heuristic_config(bits: int, group_size: int, m: int, n: int, k: int,
                         num_stages=1)
 
 
+@functools.lru_cache(maxsize=8192)
 def choose_config(bits: int, group_size: int, dtype: torch.dtype, m: int, n: int, k: int,
                   device: torch.device) -> TritonConfig:
-    """The one place that picks family and config: the shipped table, else the heuristic."""
+    """The one place that picks family and config: the shipped table, else the heuristic.
+
+    Memoized (the table is fixed per process): an eager call pays a dict lookup, not a
+    table scan and a device-name query.
+    """
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         dname = registry.dtype_name(dtype)
@@ -368,6 +373,8 @@ class TritonKernel(registry.Kernel):
         return prepare_weight(qweight)
 
     def run(self, x, prepared, bias, spec):
+        if bias is not None:
+            bias = bias.contiguous()   # the kernels read bias[n] with unit stride
         args = launch_args(prepared, spec)
         cfg = choose_config(spec.bits, spec.group_size, x.dtype, x.shape[0], spec.out_features,
                             spec.in_features, x.device)
