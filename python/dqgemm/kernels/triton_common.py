@@ -3,7 +3,7 @@
 What it computes: y = x @ dequant(W)^T (+ bias) for kpack-v1 weights, INT4 or INT8, any
 group size (32/64/128/256/per-channel), symmetric / zero_points / offsets, act-order,
 fp16 or bf16 activations on CUDA (fp16 on the CPU through TRITON_INTERPRET=1, for CI).
-One registered kernel, three kernel families, picked per call by :func:`choose_config`:
+One registered kernel, four kernel families, picked per call by :func:`choose_config`:
 
   family  file                when (heuristic; the shipped table refines it)
   gemv    triton_gemv.py      M == 1: no tensor cores, split-K over all SMs
@@ -20,15 +20,17 @@ Prepared layout (built once per weight by prepare(), cached by ops.py):
   zero_points / offsets: fp32 [G, N] transposed (fp32 so fractional HQQ-style zero points
           keep their precision; they are 1/group_size of the traffic).
   act_index int32 [K]: for act-order weights the permutation of sort_by_group; the weight
-          rows are stored sorted and the kernels read x[:, perm[k]] (a gather in the
-          x load, no extra pass and no per-call buffer).
+          rows are stored sorted and the fused kernels read x[:, perm[k]] (a gather in
+          the x load, no extra pass); the dequant family gathers x once into a cached
+          buffer before cuBLAS.
 
 Dequantization without int->float conversion instructions (I2F runs at 1/8 the FMA rate):
 OR the code into the mantissa of 2**23 (0x4B000000) and subtract 2**23 in fp32.
 
 Capturable in CUDA graphs: run() does no host sync and allocates only the output; split-K
-workspaces (fp32 [splits, M, N], reduced by a second deterministic kernel, no atomics)
-are cached per (device, size) and never freed, so a captured graph never sees them move.
+workspaces (fp32 [splits, M, N], reduced by a second deterministic kernel, no atomics) and
+the dequant family's W^T buffer are cached per (device, size) and never freed, so a
+captured graph never sees them move (warm up once per shape before capturing).
 Two streams running split-K layers of the same size concurrently would share a
 workspace: run them on one stream (the usual case) or give each its own process.
 
@@ -36,7 +38,8 @@ Config choice: python/dqgemm/configs/triton_h100.json (measured on the H100, rea
 keys) first, then the heuristic in :func:`heuristic_config`. No autotuning at run time.
 
 Test: tests/test_triton.py (CPU: interpreter, fp16, shapes <= 256; GPU: the full sweep).
-Benchmark: bench/triton_bench.py (timings in bench/results/triton_h100_*.json).
+Benchmark/tuning: bench/triton_tune.py (raw timings in bench/results/triton_tune_h100_*.json;
+what limits each family: bench/results/NOTES.md, section Triton).
 """
 
 from __future__ import annotations

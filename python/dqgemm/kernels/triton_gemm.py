@@ -14,7 +14,7 @@ Per element of the weight tile: shift, and-or, subtract, multiply, convert: the
 dequantization competes with the mma for issue slots, which is why large BLOCK_M matters.
 
 Constraints: any M (meant for M > 64), any N, K.
-Test: tests/test_triton.py. Benchmark: bench/triton_bench.py.
+Test: tests/test_triton.py. Benchmark: bench/triton_tune.py.
 """
 
 from __future__ import annotations
