@@ -1,9 +1,11 @@
 """--plot: speedup over FP16 against M (log x), one panel per shape, roofline as a line.
 
-Each ok record with a speedup is a point; one line per (backend, bits). The dashed line
-per bit width is the roofline: FP16's measured time over the INT-b floor, the speedup a
-kernel moving only the packed weight at copy bandwidth would reach (compute-bound at
-large M, where it falls to ~1x and below).
+Each ok record with a speedup is a point; one line per (backend, bits): one colour per
+backend (the same in every panel), solid for INT4, dashed for INT8, dotted for the peers.
+The thick black (INT4) and grey (INT8) dash-dot lines are the roofline: FP16's measured
+time over the INT-b floor, the speedup a kernel moving only the packed weight at copy
+bandwidth would reach (compute-bound at large M, where it falls to ~1x). The reference
+backend (the slow fp32 oracle) is left out of the plot; it is in the JSON and the table.
 """
 
 from __future__ import annotations
@@ -31,18 +33,23 @@ def plot(doc: Dict, path: str) -> str:
     roof = rl.Roofline(bw, peak, "fp16", 0, 0) if bw and peak else None
     settings = doc.get("settings", {})
     handles = {}
+    backends = list(collections.OrderedDict.fromkeys(
+        r["backend"] for r in results if r["backend"] not in ("torch_fp16", "reference")))
+    palette = plt.get_cmap("tab10" if len(backends) <= 10 else "tab20")
+    colors = {b: palette(i % palette.N) for i, b in enumerate(backends)}
     for ax, shape in zip(axes.flat, shapes):
         recs = [r for r in results if tuple(r["shape"]) == shape]
         series = collections.OrderedDict()
         for r in recs:
-            if r["ok"] and r.get("speedup_vs_fp16") and r["backend"] != "torch_fp16":
-                label = (f"{r['backend']} int{r['bits']}" if r["bits"] != 16 else r["backend"])
-                series.setdefault(label, []).append((r["M"], r["speedup_vs_fp16"]))
-        for label, pts in series.items():
+            if (r["ok"] and r.get("speedup_vs_fp16") and r["backend"] in colors):
+                key = (r["backend"], r["bits"], r["family"])
+                series.setdefault(key, []).append((r["M"], r["speedup_vs_fp16"]))
+        for (backend, bits, family), pts in series.items():
             pts.sort()
-            style = "-" if not label.startswith(("torch", "gemlite")) else ":"
+            label = f"{backend} int{bits}" if bits != 16 else backend
+            style = ":" if family != "dqgemm" else ("-" if bits == 4 else "--")
             (h,) = ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o",
-                           markersize=3, label=label)
+                           markersize=3, color=colors[backend], label=label)
             handles.setdefault(label, h)
         fp16 = {r["M"]: r["us"] for r in recs if r["backend"] == "torch_fp16" and r["ok"]}
         if roof is not None and fp16:
@@ -53,8 +60,8 @@ def plot(doc: Dict, path: str) -> str:
                                               rl.case_bytes(m, shape[0], shape[1], bits, gs))
                       for m in ms]
                 label = f"roofline int{bits}"
-                (h,) = ax.plot(ms, ys, "--", color="black" if bits == 4 else "gray",
-                               linewidth=1.2, label=label)
+                (h,) = ax.plot(ms, ys, "-.", color="black" if bits == 4 else "gray",
+                               linewidth=2.0, label=label)
                 handles.setdefault(label, h)
         ax.axhline(1.0, color="red", linewidth=0.8)
         ax.set_xscale("log", base=2)

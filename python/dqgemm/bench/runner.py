@@ -10,10 +10,11 @@ For every (shape, M, method):
 4. after all cases: floor, percentage of floor and speedup over torch_fp16 of the same
    (shape, M) are filled in.
 A CUDA error that poisons the context (illegal address...) stops the run; what was
-measured until then is kept, the rest is listed as not run, and the backend that broke it
+measured until then is kept, the rest is listed as not run, and the kernel that broke it
 is named in "aborted_by". ``--resume PATH`` continues such a run in a fresh process: cases
-already in the document are kept, the backends in "aborted_by" are skipped with that
-reason, the ceilings measured before are reused (bench/gpu_check.sh does this).
+already in the document are kept, cases served by a kernel in "aborted_by" (directly or
+through dispatch) are skipped with that reason, the ceilings measured before are reused
+(bench/gpu_check.sh does this).
 """
 
 from __future__ import annotations
@@ -105,6 +106,17 @@ def _context_broken(device: torch.device) -> Optional[str]:
 def _short(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {(text[0] if text else '')[:240]}"
+
+
+def _banned_kernel(method: Method, store: WeightStore, m: int, banned: List[str]
+                   ) -> Optional[str]:
+    if not banned:
+        return None
+    try:
+        name = method.kernel_name(store, m)
+    except Exception:       # no kernel for this problem: unsupported() will say why
+        return None
+    return name if name in banned or method.backend in banned else None
 
 
 def new_record(store: WeightStore, method: Method, m: int, rf: Optional[roofline.Roofline]
@@ -255,12 +267,13 @@ def run(settings: Settings, rf: Optional[roofline.Roofline] = None) -> Dict:
                         continue
                     if ((shape.k, shape.n), m, method.backend, method.bits) in done:
                         continue
-                    if method.backend in banned:
+                    culprit = _banned_kernel(method, store, m, banned)
+                    if culprit:
                         doc["skipped"].append({
                             "shape": [shape.k, shape.n], "M": m, "bits": method.bits,
                             "backend": method.backend,
-                            "reason": "not run: this backend broke the CUDA context earlier "
-                                      "in this run (see 'aborts')"})
+                            "reason": f"not run: kernel {culprit!r} broke the CUDA context "
+                                      f"earlier in this run (see 'aborts')"})
                         continue
                     try:
                         reason = method.unsupported(store, m)
@@ -289,7 +302,7 @@ def run(settings: Settings, rf: Optional[roofline.Roofline] = None) -> Dict:
                             doc.setdefault("aborts", []).append(
                                 {"shape": [shape.k, shape.n], "M": m, "bits": method.bits,
                                  "backend": method.backend, "error": rec["note"]})
-                            doc["aborted_by"] = banned + [method.backend]
+                            doc["aborted_by"] = banned + [rec["kernel"] or method.backend]
                     doc["results"].append(rec)
         finally:
             del store
