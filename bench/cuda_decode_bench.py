@@ -129,8 +129,43 @@ def bench_fp16(k, n, m, cache):
     return time_calls([(lambda w=w: F.linear(x, w)) for w in ws])
 
 
+def plot(json_path, png_path):
+    """Two panels: % of the floor and speedup over FP16, against M, one line per shape."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    with open(json_path) as f:
+        doc = json.load(f)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for variant in sorted({r["variant"] for r in doc["rows"]}):
+        for k, n in sorted({(r["K"], r["N"]) for r in doc["rows"]}):
+            rows = sorted((r for r in doc["rows"] if r["variant"] == variant and r["K"] == k
+                           and r["N"] == n), key=lambda r: r["M"])
+            if not rows:
+                continue
+            style = "-" if variant.startswith("int4") else "--"
+            label = f"{variant} {k}x{n}"
+            ms = [r["M"] for r in rows]
+            axes[0].plot(ms, [r["pct_floor"] for r in rows], style, marker="o", label=label)
+            axes[1].plot(ms, [r["speedup_vs_fp16"] for r in rows], style, marker="o", label=label)
+    axes[0].set_ylabel("% of floor (3.0 TB/s, 657 TFLOP/s)")
+    axes[1].set_ylabel("speedup over FP16 cuBLAS")
+    axes[1].axhline(1.0, color="grey", lw=0.8)
+    for ax in axes:
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("M")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=6, ncol=2)
+    meta = doc["meta"]
+    fig.suptitle(f"cuda_decode on {meta['device']} ({meta['date'][:10]}), cold L2, CUDA graphs")
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+
+
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--plot-from", default=None, help="only plot this JSON into --plot")
+    ap.add_argument("--plot", default=None, help="PNG path for the plot")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--tune", action="store_true", help="sweep blocks per SM")
     ap.add_argument("--json", default="cuda_decode_bench.json")
@@ -138,6 +173,9 @@ def main():
     ap.add_argument("--int8", action="store_true", help="also INT8 per-channel")
     ap.add_argument("--bf16", action="store_true", help="also INT4 g128 with bf16")
     args = ap.parse_args()
+    if args.plot_from:
+        plot(args.plot_from, args.plot or args.plot_from.replace(".json", ".png"))
+        return
     ms = [int(v) for v in args.ms.split(",")] if args.ms else MS
     shapes = SHAPES[:1] + SHAPES[3:4] if args.quick else SHAPES
     dev = torch.cuda.get_device_name()
@@ -185,6 +223,8 @@ def main():
             torch.cuda.empty_cache()
     with open(args.json, "w") as f:
         json.dump({"meta": meta, "rows": rows, "tune": tune}, f, indent=1)
+    if args.plot:
+        plot(args.json, args.plot)
     print("\n| variant | K x N | M | us | % floor | FP16 us | speedup |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:

@@ -1,0 +1,92 @@
+"""A ~30-second GPU check of cuda_decode: correctness (all configurations, fixup path,
+determinism, graph replay) first, then the key timings. For short device leases.
+
+    python bench/cuda_decode_quick.py out.json
+"""
+import json
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+import cuda_decode_bench as B  # noqa: E402
+
+import dqgemm  # noqa: E402
+from dqgemm.kernels import cuda_decode as cd  # noqa: E402
+
+out_path = sys.argv[1] if len(sys.argv) > 1 else "quick.json"
+t0 = time.time()
+res = {"device": torch.cuda.get_device_name(), "checks": [], "rows": []}
+
+
+def save():
+    with open(out_path, "w") as f:
+        json.dump(res, f, indent=1)
+
+
+fails = 0
+for bits in (4, 8):
+    for dtype in (torch.float16, torch.bfloat16):
+        for n, k, gs, sym in ((576, 13824, 128, True), (1536, 576, 64, False)):
+            qw = dqgemm.quantize(torch.randn(n, k, device="cuda") * 0.02, bits, gs, symmetric=sym)
+            prep = cd.prepare_decode(qw)
+            w = qw.dequantize(torch.float64)
+            for m in (1, 9, 33, 64):
+                x = torch.randn(m, k, device="cuda").to(dtype)
+                outs = []
+                for _ in range(3):
+                    o = torch.full((m, n), float("nan"), dtype=dtype, device="cuda")
+                    cd.decode_matmul(x, prep, None, out=o)
+                    outs.append(o)
+                ref = x.double() @ w.t()
+                err = ((outs[0].double() - ref).norm() / ref.norm()).item()
+                same = all(torch.equal(outs[0], o) for o in outs[1:])
+                ok = err <= (2e-3 if dtype == torch.float16 else 1e-2) and same
+                fails += not ok
+                res["checks"].append({"bits": bits, "dtype": str(dtype), "n": n, "k": k,
+                                      "gs": gs, "m": m, "err": err, "deterministic": same})
+# graph replay equals eager
+qw = dqgemm.quantize(torch.randn(1536, 6144, device="cuda") * 0.02, 4, 128)
+prep = cd.prepare_decode(qw)
+x = torch.randn(5, 6144, device="cuda", dtype=torch.float16)
+eager = cd.decode_matmul(x, prep, None)
+static = torch.empty_like(eager)
+s = torch.cuda.Stream()
+s.wait_stream(torch.cuda.current_stream())
+with torch.cuda.stream(s):
+    cd.decode_matmul(x, prep, None, out=static)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g, stream=s):
+        cd.decode_matmul(x, prep, None, out=static)
+torch.cuda.current_stream().wait_stream(s)
+static.fill_(float("nan"))
+g.replay()
+torch.cuda.synchronize()
+graph_ok = torch.equal(static, eager)
+res["graph_replay_equal"] = graph_ok
+res["check_failures"] = fails
+print(f"checks: {len(res['checks'])} cases, {fails} failures, graph replay equal: {graph_ok} "
+      f"({time.time() - t0:.1f}s)", flush=True)
+save()
+
+plan = [((8192, 28672), 4, 128, (1, 16, 64), (None, 1, 3)),
+        ((4096, 4096), 4, 128, (1, 16, 64), (None,)),
+        ((4096, 14336), 4, 128, (1, 16), (None,)),
+        ((8192, 28672), 8, -1, (1, 16), (None,)),
+        ((28672, 8192), 4, 128, (1, 16), (None,))]
+for (k, n), bits, gs, ms, bpss in plan:
+    qw, copies = B.prepared_copies(k, n, bits, gs, torch.float16)
+    for m in ms:
+        for bps in bpss:
+            t, _ = B.bench_decode(copies, qw, m, torch.float16, bps, check=False)
+            fl = B.floor_us(m, n, k, bits)
+            row = {"K": k, "N": n, "M": m, "bits": bits, "blocks_per_sm": bps, "us": t,
+                   "floor_us": fl, "pct_floor": 100 * fl / t}
+            res["rows"].append(row)
+            print(f"int{bits} {k}x{n} M={m} bps={bps}: {t:.1f} us, floor {fl:.1f}, "
+                  f"{100 * fl / t:.0f}% ({time.time() - t0:.1f}s)", flush=True)
+            save()
+    del copies, qw
+    torch.cuda.empty_cache()
+print("done", flush=True)
