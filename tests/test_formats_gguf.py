@@ -134,6 +134,7 @@ def _tiny_llama_gguf(path, linear_type="Q4_1", arch="llama"):
         expected[hf_name] = deq
 
     add("token_embd.weight", "model.embed_tokens.weight", vocab, hidden, "Q8_0")
+    writer.add_tensor("rope_freqs.weight", np.ones(8, dtype=np.float32))   # llama 3 style extra
     add("output_norm.weight", "model.norm.weight", 1, hidden, "F32")
     for i in range(2):
         p = f"model.layers.{i}."
@@ -177,7 +178,7 @@ def test_load_quantized_tiny_llama_gguf(tmp_path):
     summary = load_quantized(model, path, backend="reference")
     assert len(summary.loaded) == 2 * 7 + 1            # 7 linears per block + tied lm_head
     assert isinstance(model.lm_head, dqgemm.QuantLinear)
-    assert not summary.kept_float and not summary.unused
+    assert not summary.kept_float and summary.unused == ["rope_freqs.weight"]
     assert "Q8_0" in str(summary) and "Q4_1" in str(summary)
     for name, module in model.named_modules():
         if isinstance(module, dqgemm.QuantLinear) and name != "lm_head":

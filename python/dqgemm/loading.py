@@ -549,10 +549,7 @@ def _load_gguf(model, reader, backend, load_other, strict) -> LoadSummary:
     by_hf = {}
     for tensor in reader.tensors:
         hf = _gguf_hf_name(tensor.name)
-        if hf is None:
-            if strict:
-                raise ValueError(f"{tensor.name}: no llama (transformers) name for this GGUF "
-                                 f"tensor")
+        if hf is None:       # e.g. llama 3's rope_freqs: transformers computes it itself
             summary.unused.append(tensor.name)
             continue
         by_hf[hf] = tensor
