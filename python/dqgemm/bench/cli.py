@@ -125,6 +125,14 @@ def _status(doc: Dict) -> int:
 
 
 def main(args) -> int:
+    try:
+        return _main(args)
+    except ValueError as exc:          # a bad option: say which, no traceback
+        print(f"dqgemm bench: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _main(args) -> int:
     from . import runner
     from .cases import QuantSettings, backend_tokens
 
@@ -140,6 +148,9 @@ def main(args) -> int:
         if sys.argv and sys.argv[0] else ""
     if args.model:
         from . import e2e
+        if device.type != "cuda" and args.model != "tiny" and args.layers is None:
+            raise ValueError(f"model: {args.model!r} at full size needs a CUDA GPU (this run is "
+                             f"on {device.type}); on a CPU use --model tiny or set --layers")
         results = e2e.run_decode_benchmark(
             model=args.model, batch_sizes=parse_ints(args.batch_sizes, "batch_sizes"),
             variants=[v.strip() for v in args.variants.split(",") if v.strip()],
