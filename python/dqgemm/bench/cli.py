@@ -68,7 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
     o.add_argument("--resume", default=None, metavar="PATH",
                    help="continue an aborted run (a CUDA error broke its context) from its "
-                        "JSON: keeps its cases, skips the backend that broke it")
+                        "JSON: keeps its cases, skips the kernel that broke it")
     o.add_argument("--from-json", default=None, metavar="PATH",
                    help="print tables / plot from a saved document; measures nothing")
     e = parser.add_argument_group("end-to-end decode (--model)")
@@ -76,9 +76,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="llama3-8b, llama3-70b or tiny: decode tokens/s instead of layers")
     e.add_argument("--batch-sizes", default="1,8,32", help="decode batch sizes")
     e.add_argument("--variants", default="fp16,int4,int8", help="fp16, int4, int8")
-    e.add_argument("--e2e-backends", default="auto",
-                   help="dqgemm backend(s) of the quantized variants: auto, a comma list, or "
-                        "all (every usable backend but reference)")
+    e.add_argument("--e2e-backends", default="all",
+                   help="dqgemm backend(s) of the quantized variants: all (default: every "
+                        "backend with a usable kernel here, reference excluded; 'auto' "
+                        "dispatches among them), auto, or a comma list")
     e.add_argument("--layers", type=int, default=None,
                    help="decoder layers to build (default: the model's; reported as used)")
     e.add_argument("--context", type=int, default=256, help="KV positions before decoding")
