@@ -120,6 +120,21 @@ def test_prepare_modes_and_act_order_on_cpu():
     assert torch.equal(ao.group_index()[prep.act_index], torch.arange(256) // 64)
 
 
+def test_zero_points_outside_the_code_range_become_offsets():
+    w = torch.randn(128, 128) * 0.02
+    qw = dqgemm.quantize(w, 4, 32, symmetric=False)
+    # integer but >= 2^bits: not representable as the kernel's (q - z) path, still exact
+    big = qw.replace(zero_points=torch.full_like(qw.zero_points.float(), 17.0))
+    prep = cd.prepare_decode(big)
+    assert prep.zero_mode == "offsets"
+    torch.testing.assert_close(prep.source_zo, -17.0 * big.scales.float())
+    ok = cd.prepare_decode(qw.replace(zero_points=qw.zero_points.float()))
+    assert ok.zero_mode == "zero_points"
+    # fp32 scales are packed in the activation dtype on first use of that dtype
+    s32 = ok.params_for(torch.bfloat16)[0]
+    assert s32.dtype == torch.bfloat16 and torch.bfloat16 in ok.variants
+
+
 def test_supports_reasons():
     kernel = registry.get_kernel("cuda_decode")
     base = registry.Problem(m=1, n=4096, k=4096, bits=4, group_size=128, dtype=torch.float16,
@@ -143,11 +158,13 @@ def test_launch_table_covers_every_tile():
 
 def test_grid_never_exceeds_units_or_split_cap(monkeypatch):
     monkeypatch.setattr(cd, "_sm_count", lambda device_index: 132)
+    cd.grid_size.cache_clear()
     # 576 x 576: 5 tiles x 5 k-chunks = 25 units < 264 blocks
     assert cd.grid_size(1, 576, 576, 4, 0) == 25
     # M = 64 on 4096 x 4096: 32 tiles, at most 4 blocks per tile
     assert cd.grid_size(64, 4096, 4096, 4, 0) == 32 * int(cd.max_splits_table()["64"])
     assert cd.grid_size(1, 28672, 8192, 4, 0, blocks_per_sm=3) == 396
+    cd.grid_size.cache_clear()  # results above used the fake SM count
 
 
 # ----------------------------------------------------------------------------------------

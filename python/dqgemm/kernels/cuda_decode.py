@@ -243,6 +243,7 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+@functools.lru_cache(maxsize=4096)
 def grid_size(m: int, n: int, k: int, bits: int, device_index: int,
               blocks_per_sm: Optional[int] = None) -> int:
     """Stream-K grid: SMs x blocks per SM, at most one block per unit of work and at most
