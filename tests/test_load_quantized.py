@@ -275,3 +275,14 @@ def test_unknown_formats(tmp_path):
         dqgemm.load_quantized(Tiny(), str(tmp_path / "missing"))
     with pytest.raises(TypeError, match="source: expected a state dict"):
         dqgemm.load_quantized(Tiny(), 42)
+
+
+def test_meta_device_model():
+    """A model built without memory (device="meta") is materialized by the checkpoint."""
+    layers = _quantized_layers(4, 64, False)
+    tensors, _ = _checkpoint("awq", layers)
+    with torch.device("meta"):
+        model = Tiny()
+    summary = dqgemm.load_quantized(model, tensors, backend="reference")
+    assert not any(t.is_meta for t in model.state_dict().values())
+    _check_loaded(model, layers, summary)

@@ -359,6 +359,12 @@ def _kind(qw: QuantizedWeight, fmt: str) -> str:
     return f"{fmt} {qw.bits}-bit {gs} {qw.zero_mode}{act}"
 
 
+def _placed(qw: QuantizedWeight, linear: nn.Linear) -> QuantizedWeight:
+    """The weight on the device of the Linear it replaces (left where it is for meta)."""
+    device = linear.weight.device
+    return qw if device.type == "meta" or device == qw.device else qw.to(device)
+
+
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -465,7 +471,9 @@ def _load_tensors(model, tensors: Mapping, config, format, backend, load_other, 
         qw, consumed = _import_layer(scheme, tensors, name, linear)
         bias_key = tensor_name(name, "bias")
         bias = _bias_for(linear, tensors[bias_key] if bias_key in keys else None, name)
-        layer = QuantLinear.from_quantized(qw, bias, backend=backend)
+        if bias is not None:
+            bias = bias.to(linear.weight.device) if not linear.weight.is_meta else bias
+        layer = QuantLinear.from_quantized(_placed(qw, linear), bias, backend=backend)
         _replace(model, name, layer)
         used.update(consumed)
         summary.loaded.append(name)
@@ -576,7 +584,7 @@ def _load_gguf(model, reader, backend, load_other, strict) -> LoadSummary:
             qw = quantized(tensor, module_name)
             _check_linear_shape(module, qw, tensor.name)
             _replace(model, module_name, QuantLinear.from_quantized(
-                qw, _bias_for(module, None, module_name), backend=backend))
+                _placed(qw, module), _bias_for(module, None, module_name), backend=backend))
             summary.loaded.append(module_name)
             summary.kinds[f"gguf {ttype} -> {_kind(qw, 'kpack-v1')}"] += 1
             summary.bytes_quantized += qw.nbytes
@@ -612,7 +620,7 @@ def _load_gguf(model, reader, backend, load_other, strict) -> LoadSummary:
             head = modules["lm_head"]
             _check_linear_shape(head, qw, tensor.name)
             _replace(model, "lm_head", QuantLinear.from_quantized(
-                qw, _bias_for(head, None, "lm_head"), backend=backend))
+                _placed(qw, head), _bias_for(head, None, "lm_head"), backend=backend))
             summary.loaded.append("lm_head")
             summary.kinds[f"gguf {tensor.tensor_type.name} -> {_kind(qw, 'kpack-v1')}"] += 1
             summary.bytes_quantized += qw.nbytes
