@@ -286,3 +286,45 @@ def test_meta_device_model():
     summary = dqgemm.load_quantized(model, tensors, backend="reference")
     assert not any(t.is_meta for t in model.state_dict().values())
     _check_loaded(model, layers, summary)
+
+
+@pytest.mark.parametrize("fmt,bits,symmetric", [
+    ("gptq_v2", 4, False), ("gptq", 8, True), ("awq", 4, False), ("compressed-tensors", 8, False),
+])
+def test_export_model_roundtrip(tmp_path, fmt, bits, symmetric):
+    """quantize_model -> export_model -> safetensors folder -> load_quantized: same model."""
+    source = Tiny(seed=11)
+    dqgemm.quantize_model(source, bits=bits, group_size=64, symmetric=symmetric)
+    tensors, config = dqgemm.formats.export_model(source, fmt)
+    assert config["quant_method"] in fmt
+    folder = _write_folder(tmp_path, tensors, config)
+    loaded = Tiny(seed=12)
+    summary = dqgemm.load_quantized(loaded, folder)
+    assert sorted(summary.loaded) == ["block.down", "block.up", "head"]
+    assert not summary.unused and not summary.kept_float
+    ids = torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), source(ids))
+    for name in summary.loaded:
+        assert torch.equal(loaded.get_submodule(name).dequantize(),
+                           source.get_submodule(name).dequantize())
+
+
+def test_export_model_errors():
+    with pytest.raises(ValueError, match="format: expected one of"):
+        dqgemm.formats.export_model(Tiny(), "gguf")
+    with pytest.raises(ValueError, match="found none"):
+        dqgemm.formats.export_model(Tiny(), "gptq")
+    model = Tiny()
+    dqgemm.quantize_model(model, bits=4, group_size=64, skip=["head"])
+    model.head = dqgemm.QuantLinear.from_linear(nn.Linear(128, 64), bits=8, group_size=32)
+    with pytest.raises(ValueError, match="one bits/group_size setting per checkpoint"):
+        dqgemm.formats.export_model(model, "gptq")
+    # compressed-tensors holds one scheme per config group: mixed layers export and load.
+    tensors, config = dqgemm.formats.export_model(model, "compressed-tensors")
+    assert len(config["config_groups"]) == 2
+    loaded = Tiny(seed=3)
+    with torch.no_grad():
+        summary = dqgemm.load_quantized(loaded, tensors, format="compressed-tensors")
+    assert len(summary.loaded) == 3 and loaded.head.bits == 8
+    assert torch.equal(loaded.head.dequantize(), model.head.dequantize())
