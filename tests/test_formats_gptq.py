@@ -245,3 +245,21 @@ def test_act_order_checkpoint_on_triton_kernel():
     _, perm = sort_by_group(qw)
     assert prepared.act_index is not None
     assert torch.equal(prepared.act_index.long().cpu(), perm.cpu())
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_byte_reinterpretation_matches_unpacking(monkeypatch, bits):
+    """GPTQ/compressed-tensors words are read as kpack-v1 bytes on little-endian hosts; the
+    portable unpack-and-repack path must give the same qdata."""
+    import sys
+    n, k, gs = 40, 96, 32
+    gen = torch.Generator().manual_seed(bits)
+    codes = torch.randint(0, 1 << bits, (k, n), generator=gen)
+    args = (_pack_by_loops(codes, bits, 0),
+            _pack_by_loops(torch.randint(0, 1 << bits, (k // gs, n), generator=gen), bits, 1),
+            torch.rand(k // gs, n, generator=gen).half())
+    fast = from_gptq(*args, bits=bits, group_size=gs)
+    monkeypatch.setattr(sys, "byteorder", "big")
+    portable = from_gptq(*args, bits=bits, group_size=gs)
+    assert torch.equal(fast.qdata, portable.qdata)
+    assert torch.equal(portable.codes().long(), codes.t())

@@ -9,6 +9,7 @@ bits [b*j, b*j + b), lowest first (GPTQ, AWQ before its column shuffle, compress
 
 from __future__ import annotations
 
+import sys
 from typing import Iterable, Optional, Sequence, Tuple
 
 import numpy as np
@@ -85,25 +86,39 @@ def num_checkpoint_groups(in_features: int, group_size: int) -> int:
 # b-bit integers in int32 words.
 # ----------------------------------------------------------------------------------------
 
-def _as_u32(words: torch.Tensor) -> torch.Tensor:
-    """int32 words (any sign) as int64 values in [0, 2**32)."""
-    return words.to(torch.int64) & 0xFFFFFFFF
-
-
 def unpack_words(words: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     """Splits each int32 word into 32 // bits fields along ``dim`` (field j at bits b*j).
 
-    [R, C] -> [R * 32/b, C] (dim=0) or [R, C * 32/b] (dim=1); int64 values in [0, 2**b).
+    [R, C] -> [R * 32/b, C] (dim=0) or [R, C * 32/b] (dim=1); int32 values in [0, 2**b).
+    (The right shift is arithmetic for negative words; the mask drops the sign bits.)
     """
     per = 32 // bits
-    shifts = torch.arange(0, 32, bits, device=words.device, dtype=torch.int64)
-    u = _as_u32(words)
+    shifts = torch.arange(0, 32, bits, device=words.device, dtype=torch.int32)
+    w = words.to(torch.int32)
     mask = (1 << bits) - 1
     if dim == 0:
-        fields = (u.unsqueeze(1) >> shifts.view(1, per, 1)) & mask   # [R, per, C]
+        fields = (w.unsqueeze(1) >> shifts.view(1, per, 1)) & mask   # [R, per, C]
         return fields.reshape(words.shape[0] * per, words.shape[1])
-    fields = (u.unsqueeze(2) >> shifts.view(1, 1, per)) & mask       # [R, C, per]
+    fields = (w.unsqueeze(2) >> shifts.view(1, 1, per)) & mask       # [R, C, per]
     return fields.reshape(words.shape[0], words.shape[1] * per)
+
+
+def words_as_kpack_rows(words_by_row: torch.Tensor, bits: int, in_features: int
+                        ) -> torch.Tensor:
+    """int32 words [N, W] packed along K (field j of word w = code k = w*32/b + j, lowest
+    bits first) -> kpack-v1 qdata uint8 [N, ceil(K*b/8)].
+
+    For b in {4, 8} the little-endian bytes of such words already are kpack-v1's bytes
+    (byte i of word w holds codes 8w/b + 2i, + 1 in its low/high nibble for 4-bit, code
+    4w + i for 8-bit), so on little-endian hosts this is a reinterpretation, no unpacking.
+    """
+    row_bytes = (in_features * bits + 7) // 8
+    words_by_row = words_by_row.to(torch.int32).contiguous()
+    if sys.byteorder == "little":
+        return words_by_row.view(torch.uint8)[:, :row_bytes].contiguous()
+    codes = unpack_words(words_by_row, bits, dim=1)[:, :in_features]
+    from ..format import pack_codes
+    return pack_codes(codes, bits)
 
 
 def pack_words(values: torch.Tensor, bits: int, dim: int) -> torch.Tensor:

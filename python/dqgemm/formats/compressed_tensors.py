@@ -25,15 +25,11 @@ from typing import Dict, Optional, Sequence
 
 import torch
 
-from ..format import QuantizedWeight, pack_codes
+from ..format import QuantizedWeight
 from ._common import (all_equal_to, as_tensor, canonical_group_size, check_bits_for,
                       check_g_idx, expect_float, expect_int, expect_shape, integer_zero_points,
-                      pack_words, tensor_name, trivial_g_idx, unpack_words)
-
-
-def _unpack_dense(words: torch.Tensor, bits: int, count: int) -> torch.Tensor:
-    """[R, W] int32 -> [R, count] unsigned codes (b in {4, 8}: no field crosses a word)."""
-    return unpack_words(words, bits, dim=1)[:, :count]
+                      pack_words, tensor_name, trivial_g_idx, unpack_words,
+                      words_as_kpack_rows)
 
 
 def _pack_dense(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -104,7 +100,7 @@ def from_compressed_tensors(weight_packed, weight_scale, weight_shape, num_bits:
             g_idx = None
 
     half = 1 << (bits - 1)
-    codes = _unpack_dense(packed, bits, k)     # [N, K] unsigned
+    qdata = words_as_kpack_rows(packed, bits, k)     # the stored codes are kpack-v1's
     zero_points = None
     if weight_zero_point is not None:
         zp = as_tensor(weight_zero_point, z_name)
@@ -122,7 +118,7 @@ def from_compressed_tensors(weight_packed, weight_scale, weight_shape, num_bits:
                              f"dim 0) or ({n}, {groups}), got {tuple(zp.shape)}")
         if not (detect_symmetric and all_equal_to(zu, float(half))):
             zero_points = zu.to(scale.dtype).contiguous()
-    return QuantizedWeight(qdata=pack_codes(codes, bits), scales=scale.contiguous(), bits=bits,
+    return QuantizedWeight(qdata=qdata, scales=scale.contiguous(), bits=bits,
                            group_size=gs, in_features=k, zero_points=zero_points, g_idx=g_idx)
 
 

@@ -30,11 +30,11 @@ from typing import Dict, Optional
 
 import torch
 
-from ..format import QuantizedWeight, pack_codes
+from ..format import QuantizedWeight
 from ._common import (all_equal_to, as_tensor, canonical_group_size, check_bits_for,
                       check_g_idx, expect_float, expect_int, expect_shape, integer_zero_points,
                       num_checkpoint_groups, pack_words, tensor_name, trivial_g_idx,
-                      unpack_words)
+                      unpack_words, words_as_kpack_rows)
 
 CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
 
@@ -91,7 +91,8 @@ def from_gptq(qweight, qzeros, scales, g_idx=None, bits: int = 4, group_size: in
         if trivial_g_idx(g_idx, gs, k):
             g_idx = None
 
-    codes = unpack_words(qweight, bits, dim=0)           # [K, N]
+    # qweight's column n is row n's codes packed along K: kpack-v1's bytes once transposed.
+    qdata = words_as_kpack_rows(qweight.t(), bits, k)    # [N, K*b/8]
     zeros = unpack_words(qzeros, bits, dim=1)             # [G, N]
     if checkpoint_format == "gptq":
         zeros = zeros + 1
@@ -100,7 +101,7 @@ def from_gptq(qweight, qzeros, scales, g_idx=None, bits: int = 4, group_size: in
     if detect_symmetric and all_equal_to(zeros, float(1 << (bits - 1))):
         zero_points = None
     return QuantizedWeight(
-        qdata=pack_codes(codes.t(), bits), scales=scales.t().contiguous(), bits=bits,
+        qdata=qdata, scales=scales.t().contiguous(), bits=bits,
         group_size=gs, in_features=k, zero_points=zero_points, g_idx=g_idx)
 
 
