@@ -9,6 +9,11 @@ Environment variables:
   DQGEMM_NO_CUDA=1    skip the extension even when nvcc is present.
   DQGEMM_NVCC_THREADS parallel nvcc jobs (default: CPU count).
   CUDA_HOME           where to look for bin/nvcc (else PATH, then /usr/local/cuda).
+  DQGEMM_OBJ_CACHE    a folder of compiled .cu objects keyed by a hash of the sources, the
+                      csrc headers, the flags and the nvcc version (like ccache): objects
+                      found there are reused, new ones are stored. The .cu objects do not
+                      depend on the Python version, so a cache filled on one machine saves
+                      the long nvcc runs on another of the same architecture.
 
 Without nvcc (or pybind11) the package installs without the extension and
 `python -m dqgemm info` says so.
@@ -16,6 +21,7 @@ Without nvcc (or pybind11) the package installs without the extension and
 
 import concurrent.futures
 import glob
+import hashlib
 import os
 import shutil
 import subprocess
@@ -59,6 +65,32 @@ def cuda_archs():
     return archs
 
 
+def _cache_key(nvcc, src, cmd_flags):
+    """Hash of what determines a .cu object: source, every csrc header, flags, nvcc."""
+    digest = hashlib.sha256()
+    version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+    digest.update(version.encode())
+    digest.update(" ".join(f for f in cmd_flags if not f.startswith("-I")).encode())
+    for path in [src] + sorted(glob.glob(os.path.join(CSRC, "*.h")) +
+                               glob.glob(os.path.join(CSRC, "*.cuh"))):
+        with open(path, "rb") as f:
+            digest.update(os.path.basename(path).encode() + b"\0" + f.read())
+    return digest.hexdigest()[:24]
+
+
+def _compile(job, cache_dir):
+    src, obj, cmd, key = job
+    cached = os.path.join(cache_dir, f"{os.path.basename(src)}.{key}.o") if cache_dir else None
+    if cached and os.path.isfile(cached):
+        shutil.copyfile(cached, obj)
+        return job, subprocess.CompletedProcess(cmd, 0, "", f"dqgemm: reused {cached}\n")
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if cached and result.returncode == 0:
+        os.makedirs(cache_dir, exist_ok=True)
+        shutil.copyfile(obj, cached)
+    return job, result
+
+
 class NvccBuildExt(build_ext):
     """Compiles csrc/*.cu and csrc/*.cpp with nvcc and links one shared module."""
 
@@ -79,25 +111,28 @@ class NvccBuildExt(build_ext):
         for src in ext.sources:
             obj = os.path.join(tmp, os.path.basename(src) + ".o")
             cmd = [nvcc, "-c", src, "-o", obj] + common
+            key = None
             if src.endswith(".cu"):
                 cmd += gencode_flags(archs) + ["--expt-relaxed-constexpr", "-lineinfo"]
-            jobs.append((src, obj, cmd))
+                key = _cache_key(nvcc, src, cmd[5:])
+            jobs.append((src, obj, cmd, key))
         threads = int(os.environ.get("DQGEMM_NVCC_THREADS", os.cpu_count() or 1))
         print(f"dqgemm: compiling {len(jobs)} sources with {nvcc} for sm_{', sm_'.join(archs)}",
               flush=True)
+        cache_dir = os.environ.get("DQGEMM_OBJ_CACHE") or None
         with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-            results = list(pool.map(lambda job: (job, subprocess.run(
-                job[2], capture_output=True, text=True)), jobs))
+            results = list(pool.map(
+                lambda job: _compile(job, cache_dir if job[3] else None), jobs))
         failed = [(job, res) for job, res in results if res.returncode != 0]
         for job, res in results:
             if res.stderr.strip() and res.returncode == 0:
                 print(res.stderr, file=sys.stderr)
         if failed:
-            for (src, _, cmd), res in failed:
+            for (src, _, cmd, _), res in failed:
                 print(f"dqgemm: nvcc failed on {src}:\n{' '.join(cmd)}\n{res.stdout}{res.stderr}",
                       file=sys.stderr)
             raise SystemExit("dqgemm: CUDA extension build failed (see nvcc output above)")
-        link = [nvcc, "-shared", "-cudart", "static", "-o", out_path] + [o for _, o, _ in jobs]
+        link = [nvcc, "-shared", "-cudart", "static", "-o", out_path] + [j[1] for j in jobs]
         subprocess.run(link, check=True)
 
 
