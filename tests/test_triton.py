@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import itertools
 import os
+import subprocess
+import sys
 import zlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -172,11 +175,33 @@ def test_bf16_on_cpu_is_refused_with_reason():
     assert reason is not None and ("bfloat16" in reason or "interpreter" in reason)
 
 
+def _has_nvidia_backend():
+    try:
+        from triton.backends import backends
+        return "nvidia" in backends
+    except Exception:
+        return False
+
+
+@needs_triton
+@pytest.mark.skipif(not _has_nvidia_backend(), reason="triton has no NVIDIA backend here")
+def test_kernels_compile_for_sm90_without_a_gpu():
+    """Every family compiled for sm_90 by Triton's own ptxas, no GPU needed: GPU-only
+    compile errors and shared-memory overflows surface in CI (bench/triton_aot_check.py)."""
+    script = Path(__file__).resolve().parents[1] / "bench" / "triton_aot_check.py"
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    res = subprocess.run([sys.executable, str(script), "--quick"], env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    assert "0 failed" in res.stdout
+
+
 # ----------------------------------------------------------------------------------------
 # CPU: the kernels in Triton's interpreter (fp16, shapes <= 256).
 # ----------------------------------------------------------------------------------------
 
-CPU_FAMILIES = ("gemv", "splitk", "planes", "gemm", "dequant")
+CPU_FAMILIES = ("gemv", "shiftless", "splitk", "planes", "gemm", "dequant")
 
 
 def _cpu_cases():
@@ -194,7 +219,7 @@ def _cpu_cases():
             act = i % 4 == 1 and gs != -1
             k = 256 if gs in (128, 256) else (192 if gs == 64 else (160 if gs == 32 else 200))
             n = (96, 200, 64, 136, 256)[i % 5]
-            m = 1 if family == "gemv" else ms[family][i % 5]
+            m = 1 if family in ("gemv", "shiftless") else ms[family][i % 5]
             split = 1 + i % 3
             cases.append((family, bits, gs, mode, act, m, n, k, split, i % 2 == 0))
             i += 1
@@ -205,6 +230,9 @@ def _cpu_config(family, bits, split):
     e = 32 // bits
     if family == "gemv":
         return tc.TritonConfig("gemv", block_m=1, block_n=64, block_k=16 * e, split_k=split)
+    if family == "shiftless":
+        return tc.TritonConfig("gemv", block_m=1, block_n=64, block_k=16 * e, split_k=split,
+                               shiftless=True)
     if family == "splitk":
         return tc.TritonConfig("splitk", block_m=16, block_n=64, block_k=128, split_k=split)
     if family == "planes":
@@ -339,7 +367,7 @@ def test_gpu_sweep_public_matmul(m, n, k, bits, gs, mode, act, dtype):
 
 def _gpu_forced_cases():
     cases = []
-    for family, m in (("gemv", 1), ("splitk", 3), ("splitk", 17), ("splitk", 129),
+    for family, m in (("gemv", 1), ("shiftless", 1), ("splitk", 3), ("splitk", 17), ("splitk", 129),
                       ("planes", 16), ("gemm", 64), ("gemm", 129), ("dequant", 3),
                       ("dequant", 129)):
         for bits, gs, mode in ((4, 32, "zero_points"), (8, -1, "symmetric"),
@@ -351,8 +379,9 @@ def _gpu_forced_cases():
 def _gpu_config(family, bits, m):
     e = 32 // bits
     bm = 16 if m <= 16 else 64 if m <= 64 else 128
-    if family == "gemv":
-        return tc.TritonConfig("gemv", block_m=1, block_n=64, block_k=64 * e)
+    if family in ("gemv", "shiftless"):
+        return tc.TritonConfig("gemv", block_m=1, block_n=64, block_k=64 * e,
+                               shiftless=family == "shiftless")
     if family == "splitk":
         return tc.TritonConfig("splitk", block_m=bm, block_n=128, block_k=128,
                                num_warps=8 if bm == 128 else 4)

@@ -149,6 +149,7 @@ class TritonConfig:
     planes: bool = False   # splitk only: E per-plane dots instead of one reshaped dot
     ctas_per_sm: int = 2   # gemv/splitk with split_k = 0: split K until ~this many programs
                            # per SM exist (more = finer load balance, larger reduction)
+    shiftless: bool = False  # gemv only: read codes in place, scale x instead (see gemv)
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -396,6 +397,10 @@ def candidate_configs(bits: int, m: int) -> List[TritonConfig]:
         for bn, bkw, w, cps in ((64, 64, 4, 2), (64, 64, 4, 6), (128, 32, 4, 2), (64, 32, 4, 4)):
             out.append(TritonConfig("gemv", block_m=1, block_n=bn, block_k=bkw * e,
                                     num_warps=w, num_stages=3, ctas_per_sm=cps))
+        for bn, bkw, cps in ((64, 64, 6), (64, 32, 4)):
+            out.append(TritonConfig("gemv", block_m=1, block_n=bn, block_k=bkw * e,
+                                    num_warps=4, num_stages=3, ctas_per_sm=cps,
+                                    shiftless=True))
     if 2 <= m <= 64:
         bm = 16 if m <= 16 else 32 if m <= 32 else 64
         for bn, bk, w, st, cps in ((128, 128, 4, 3, 2), (64, 128, 4, 3, 2), (128, 256, 8, 3, 2),

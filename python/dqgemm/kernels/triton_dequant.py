@@ -73,6 +73,15 @@ def _cached(store, device, dtype, shape):
     return buf.view(*shape)
 
 
+def constexprs(cfg, bits, zero_mode, act_order=False, group_per_step=False, has_bias=False,
+               use_ws=False):
+    """The dequantize kernel's compile-time arguments (act-order, bias and the group
+    layout are handled outside it; also used by bench/triton_aot_check.py)."""
+    del act_order, group_per_step, has_bias, use_ws
+    return dict(BITS=bits, ZERO_MODE=zero_mode, BLOCK_N=cfg.block_n,
+                BLOCK_KW=max(1, cfg.block_k // (32 // bits)))
+
+
 def dequantize_transposed(args, dtype, device, cfg):
     """W^T [K, N] in ``dtype`` (a cached workspace, overwritten by each call)."""
     e = 32 // args.bits
@@ -82,9 +91,8 @@ def dequantize_transposed(args, dtype, device, cfg):
     grid = (-(-args.n // cfg.block_n), -(-kw // block_kw))
     _dequant_kernel[grid](
         args.packed, args.scales, args.zeros if args.zeros is not None else args.scales, wt,
-        args.n, args.k, kw, args.group_size, BITS=args.bits, ZERO_MODE=args.zero_mode,
-        BLOCK_N=cfg.block_n, BLOCK_KW=block_kw, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages)
+        args.n, args.k, kw, args.group_size, **constexprs(cfg, args.bits, args.zero_mode),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return wt
 
 

@@ -88,6 +88,14 @@ if triton is not None:
                  mask=mask_m[:, None] & mask_n[None, :])
 
 
+def constexprs(cfg, bits, zero_mode, act_order, group_per_step, has_bias, use_ws=False):
+    """The kernel's compile-time arguments (also used by bench/triton_aot_check.py)."""
+    del use_ws  # one program per tile: no split-K workspace
+    return dict(BITS=bits, ZERO_MODE=zero_mode, ACT_ORDER=act_order,
+                GROUP_PER_STEP=group_per_step, HAS_BIAS=has_bias, BLOCK_M=cfg.block_m,
+                BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m)
+
+
 def launch(x, args, bias, cfg, out):
     """x [M, K] contiguous; out [M, N] contiguous in x.dtype (written, also returned)."""
     m = x.shape[0]
@@ -98,8 +106,7 @@ def launch(x, args, bias, cfg, out):
         args.perm if args.perm is not None else args.packed,
         bias if bias is not None else out, out,
         m, args.n, args.k, args.group_size, x.stride(0),
-        BITS=args.bits, ZERO_MODE=args.zero_mode, ACT_ORDER=args.perm is not None,
-        GROUP_PER_STEP=group_per_step(args, cfg.block_k), HAS_BIAS=bias is not None,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+        **constexprs(cfg, args.bits, args.zero_mode, args.perm is not None,
+                     group_per_step(args, cfg.block_k), bias is not None),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out

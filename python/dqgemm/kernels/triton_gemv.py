@@ -11,6 +11,9 @@ for each of the E = 32 // bits codes of a word, accumulates x[k] * (q - z) into 
 [BLOCK_KW, BLOCK_N] fp32 register tile; the scale is applied once per word row (8 INT4
 codes), the cross-row sum happens once at the end. Per code that is a shift, an and-or
 (q | 2**23 magic), an fp32 subtract and an FMA: no int->float conversions.
+SHIFTLESS (config "shiftless", not yet measured on a GPU, a tuning candidate): codes whose
+field ends below bit 23 are read in place as q * 2**sh (one and-or, no shift) and x is
+scaled by 2**-sh per row instead; the high codes share one shift.
 Zero points / offsets: sum_k x*(q - z)*s = s*(sum x*q - z*sum x); offsets likewise
 (s*sum x*q + o*sum x), so fractional zero points cost nothing per code.
 
@@ -32,8 +35,10 @@ if triton is not None:
                      N, K, KW, GS, steps_per_split,
                      BITS: tl.constexpr, ZERO_MODE: tl.constexpr, ACT_ORDER: tl.constexpr,
                      GROUP_PER_STEP: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     USE_WS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr):
+                     USE_WS: tl.constexpr, SHIFTLESS: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_KW: tl.constexpr):
         E: tl.constexpr = 32 // BITS
+        HI_SHIFT: tl.constexpr = 12 + (BITS // 8) * 4   # 12 for INT4, 16 for INT8
         MASK: tl.constexpr = (1 << BITS) - 1
         MAGIC: tl.constexpr = 0x4B000000  # bits of 2.0**23 (triton_common.MAGIC_F32)
         SYM_BIAS: tl.constexpr = 8388608.0 + (1 << (BITS - 1))
@@ -72,6 +77,8 @@ if triton is not None:
                     z = tl.load(z_ptr + gofs, mask=mask_rn, other=0.0)
             accq = tl.zeros((BLOCK_KW, BLOCK_N), dtype=tl.float32)
             xs = tl.zeros((BLOCK_KW,), dtype=tl.float32)
+            if SHIFTLESS:
+                words_hi = words >> HI_SHIFT
             for j in tl.static_range(E):
                 k = r * E + j
                 mask_k = k < K
@@ -80,12 +87,30 @@ if triton is not None:
                 else:
                     src = k
                 xj = tl.load(x_ptr + src, mask=mask_k, other=0.0).to(tl.float32)
-                qf = (((words >> (j * BITS)) & MASK) | MAGIC).to(tl.float32, bitcast=True)
-                if ZERO_MODE == 0:
-                    qf = qf - SYM_BIAS
-                else:
-                    qf = qf - 8388608.0
+                if ZERO_MODE != 0:
                     xs += xj
+                if SHIFTLESS:
+                    # Code j stays in place: (w & (MASK << sh)) | 2**23 reads q * 2**sh exactly
+                    # while sh + BITS <= 23; x is scaled by 2**-sh instead (per row, exact).
+                    # Saves the shift per code (one shared shift for the high codes).
+                    if j * BITS + BITS <= 23:
+                        wsrc = words
+                        sh = j * BITS
+                    else:
+                        wsrc = words_hi
+                        sh = j * BITS - HI_SHIFT
+                    qf = ((wsrc & (MASK << sh)) | MAGIC).to(tl.float32, bitcast=True)
+                    if ZERO_MODE == 0:
+                        qf = qf - (8388608.0 + (1 << (BITS - 1)) * (1 << sh))
+                    else:
+                        qf = qf - 8388608.0
+                    xj = xj * (1.0 / (1 << sh))
+                else:
+                    qf = (((words >> (j * BITS)) & MASK) | MAGIC).to(tl.float32, bitcast=True)
+                    if ZERO_MODE == 0:
+                        qf = qf - SYM_BIAS
+                    else:
+                        qf = qf - 8388608.0
                 accq += xj[:, None] * qf
             if ZERO_MODE == 0:
                 acc += accq * s
@@ -104,6 +129,15 @@ if triton is not None:
             tl.store(out_ptr + offs_n, res.to(out_ptr.dtype.element_ty), mask=mask_n)
 
 
+def constexprs(cfg, bits, zero_mode, act_order, group_per_step, has_bias, use_ws):
+    """The kernel's compile-time arguments for a config and a weight variant (also used by
+    bench/triton_aot_check.py to compile without a GPU)."""
+    return dict(BITS=bits, ZERO_MODE=zero_mode, ACT_ORDER=act_order,
+                GROUP_PER_STEP=group_per_step, HAS_BIAS=has_bias, USE_WS=use_ws,
+                SHIFTLESS=cfg.shiftless, BLOCK_N=cfg.block_n,
+                BLOCK_KW=cfg.block_k // (32 // bits))
+
+
 def launch(x, args, bias, cfg, out):
     """x [1, K] contiguous; out [1, N] contiguous in x.dtype (written, also returned)."""
     from .triton_splitk import reduce_splits
@@ -120,9 +154,8 @@ def launch(x, args, bias, cfg, out):
         args.perm if args.perm is not None else args.packed,
         bias if bias is not None else out, out, ws,
         args.n, args.k, kw, args.group_size, per_split,
-        BITS=args.bits, ZERO_MODE=args.zero_mode, ACT_ORDER=args.perm is not None,
-        GROUP_PER_STEP=group_per_step(args, block_kw * e), HAS_BIAS=bias is not None,
-        USE_WS=splits > 1, BLOCK_N=cfg.block_n, BLOCK_KW=block_kw,
+        **constexprs(cfg, args.bits, args.zero_mode, args.perm is not None,
+                     group_per_step(args, block_kw * e), bias is not None, splits > 1),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if splits > 1:
         reduce_splits(ws, bias, out, splits)

@@ -191,6 +191,14 @@ def reduce_splits(ws, bias, out, splits):
     return out
 
 
+def constexprs(cfg, bits, zero_mode, act_order, group_per_step, has_bias, use_ws):
+    """The kernel's compile-time arguments (also used by bench/triton_aot_check.py)."""
+    return dict(BITS=bits, ZERO_MODE=zero_mode, ACT_ORDER=act_order,
+                GROUP_PER_STEP=group_per_step, HAS_BIAS=has_bias, USE_WS=use_ws,
+                PLANES=cfg.planes, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                BLOCK_KW=cfg.block_k // (32 // bits))
+
+
 def launch(x, args, bias, cfg, out):
     """x [M, K] contiguous; out [M, N] contiguous in x.dtype (written, also returned)."""
     m = x.shape[0]
@@ -210,10 +218,9 @@ def launch(x, args, bias, cfg, out):
         args.perm if args.perm is not None else args.packed,
         bias if bias is not None else out, out, ws,
         m, args.n, args.k, kw, args.group_size, x.stride(0), per_split,
-        BITS=args.bits, ZERO_MODE=args.zero_mode, ACT_ORDER=args.perm is not None,
-        GROUP_PER_STEP=group_per_step(args, block_kw * e), HAS_BIAS=bias is not None,
-        USE_WS=splits > 1, PLANES=cfg.planes, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        BLOCK_KW=block_kw, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        **constexprs(cfg, args.bits, args.zero_mode, args.perm is not None,
+                     group_per_step(args, block_kw * e), bias is not None, splits > 1),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if splits > 1:
         reduce_splits(ws, bias, out, splits)
     return out
