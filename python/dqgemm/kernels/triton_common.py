@@ -394,7 +394,10 @@ def candidate_configs(bits: int, m: int) -> List[TritonConfig]:
     e = codes_per_word(bits)
     out: List[TritonConfig] = []
     if m == 1:
-        for bn, bkw, w, cps in ((64, 64, 4, 2), (64, 64, 4, 6), (128, 32, 4, 2), (64, 32, 4, 4)):
+        # (128 columns x 16 words: no register spills at sm_90 per bench/triton_aot_check.py,
+        # unlike the 64 x 64 that measured best for INT4 in r2; not yet timed)
+        for bn, bkw, w, cps in ((64, 64, 4, 2), (64, 64, 4, 6), (128, 32, 4, 2), (64, 32, 4, 4),
+                                (128, 16, 4, 4)):
             out.append(TritonConfig("gemv", block_m=1, block_n=bn, block_k=bkw * e,
                                     num_warps=w, num_stages=3, ctas_per_sm=cps))
         for bn, bkw, cps in ((64, 64, 6), (64, 32, 4)):
@@ -409,10 +412,16 @@ def candidate_configs(bits: int, m: int) -> List[TritonConfig]:
                                     num_warps=w, num_stages=st, ctas_per_sm=cps))
         out.append(TritonConfig("splitk", block_m=bm, block_n=128, block_k=16 * e,
                                 num_warps=4, num_stages=3, planes=True))
+        if bm == 64:
+            # 4 warps spill at BLOCK_M = 64 (255 registers, bench/triton_aot_check.py); 8 do not
+            out.append(TritonConfig("splitk", block_m=bm, block_n=128, block_k=128,
+                                    num_warps=8, num_stages=3))
     if m >= 64:
         bm = 64 if m <= 64 else 128
-        out.append(TritonConfig("gemm", block_m=bm, block_n=128, block_k=128 if bm == 64
-                                else 64, num_warps=8, num_stages=3 if bm == 64 else 4))
+        # (block_k 128 at 3 stages needs 304 KB of shared memory for per-code scales of
+        # group 32/64 weights: bench/triton_aot_check.py; 64 fits every variant)
+        out.append(TritonConfig("gemm", block_m=bm, block_n=128, block_k=64, num_warps=8,
+                                num_stages=3 if bm == 64 else 4))
     if m >= 128:
         out.append(TritonConfig("splitk", block_m=128, block_n=128, block_k=64, num_warps=8,
                                 num_stages=3))
