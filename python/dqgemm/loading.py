@@ -300,7 +300,7 @@ def _import_layer(scheme: _Scheme, tensors: Mapping, name: str, linear: nn.Linea
     if fmt == "gptq_or_awq":
         qweight = tensors[tensor_name(name, "qweight")]
         fmt = "awq" if tuple(qweight.shape) == (k, n // 8) else "gptq"
-    marker, needed = _LAYOUT[fmt]
+    _, needed = _LAYOUT[fmt]
     got = _require(tensors, name, needed, fmt)
     got.update(_optional(tensors, name, _OPTIONAL[fmt]))
     used = [tensor_name(name, f) for f in got]
