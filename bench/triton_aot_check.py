@@ -114,8 +114,10 @@ def configs(args):
     if args.quick:
         for bits in (4, 8):
             e = 32 // bits
+            lean = bits == 4   # the register-saving gemv options on one of the two
             seen += [(bits, tc.TritonConfig("gemv", block_m=1, block_n=64, block_k=32 * e,
-                                            shiftless=bits == 4)),
+                                            shiftless=lean, row_reduce=lean,
+                                            prefetch=not lean)),
                      (bits, tc.TritonConfig("splitk", block_m=16, block_n=128, block_k=128)),
                      (bits, tc.TritonConfig("splitk", block_m=16, block_n=128, block_k=16 * e,
                                             planes=True)),

@@ -230,9 +230,9 @@ def _cpu_config(family, bits, split):
     e = 32 // bits
     if family == "gemv":
         return tc.TritonConfig("gemv", block_m=1, block_n=64, block_k=16 * e, split_k=split)
-    if family == "shiftless":
+    if family == "shiftless":   # with the other register-saving gemv options
         return tc.TritonConfig("gemv", block_m=1, block_n=64, block_k=16 * e, split_k=split,
-                               shiftless=True)
+                               shiftless=True, row_reduce=True, prefetch=False)
     if family == "splitk":
         return tc.TritonConfig("splitk", block_m=16, block_n=64, block_k=128, split_k=split)
     if family == "planes":
@@ -380,8 +380,9 @@ def _gpu_config(family, bits, m):
     e = 32 // bits
     bm = 16 if m <= 16 else 64 if m <= 64 else 128
     if family in ("gemv", "shiftless"):
-        return tc.TritonConfig("gemv", block_m=1, block_n=64, block_k=64 * e,
-                               shiftless=family == "shiftless")
+        lean = family == "shiftless"
+        return tc.TritonConfig("gemv", block_m=1, block_n=64, block_k=64 * e, shiftless=lean,
+                               row_reduce=lean, prefetch=not lean)
     if family == "splitk":
         return tc.TritonConfig("splitk", block_m=bm, block_n=128, block_k=128,
                                num_warps=8 if bm == 128 else 4)

@@ -150,6 +150,8 @@ class TritonConfig:
     ctas_per_sm: int = 2   # gemv/splitk with split_k = 0: split K until ~this many programs
                            # per SM exist (more = finer load balance, larger reduction)
     shiftless: bool = False  # gemv only: read codes in place, scale x instead (see gemv)
+    row_reduce: bool = False  # gemv only: [BLOCK_N] accumulator, rows folded every step
+    prefetch: bool = True     # gemv only: register double buffer of the next step's words
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -394,16 +396,18 @@ def candidate_configs(bits: int, m: int) -> List[TritonConfig]:
     e = codes_per_word(bits)
     out: List[TritonConfig] = []
     if m == 1:
-        # (128 columns x 16 words: no register spills at sm_90 per bench/triton_aot_check.py,
-        # unlike the 64 x 64 that measured best for INT4 in r2; not yet timed)
-        for bn, bkw, w, cps in ((64, 64, 4, 2), (64, 64, 4, 6), (128, 32, 4, 2), (64, 32, 4, 4),
-                                (128, 16, 4, 4)):
+        for bn, bkw, w, cps in ((64, 64, 4, 2), (64, 64, 4, 6), (128, 32, 4, 2), (64, 32, 4, 4)):
             out.append(TritonConfig("gemv", block_m=1, block_n=bn, block_k=bkw * e,
                                     num_warps=w, num_stages=3, ctas_per_sm=cps))
-        for bn, bkw, cps in ((64, 64, 6), (64, 32, 4)):
+        # Not yet timed: row_reduce halves the registers (INT4 64 x 32 words: 238 -> 127,
+        # 64 x 64 words: 255 + 844 B of spills -> 254, no spill; bench/triton_aot_check.py),
+        # shiftless saves the per-code shift.
+        for bn, bkw, cps, shiftless in ((64, 32, 4, False), (128, 16, 4, False),
+                                        (64, 64, 6, False), (64, 32, 4, True),
+                                        (128, 16, 4, True)):
             out.append(TritonConfig("gemv", block_m=1, block_n=bn, block_k=bkw * e,
                                     num_warps=4, num_stages=3, ctas_per_sm=cps,
-                                    shiftless=True))
+                                    row_reduce=True, shiftless=shiftless))
     if 2 <= m <= 64:
         bm = 16 if m <= 16 else 32 if m <= 32 else 64
         for bn, bk, w, st, cps in ((128, 128, 4, 3, 2), (64, 128, 4, 3, 2), (128, 256, 8, 3, 2),

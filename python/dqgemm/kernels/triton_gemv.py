@@ -14,6 +14,9 @@ codes), the cross-row sum happens once at the end. Per code that is a shift, an 
 SHIFTLESS (config "shiftless", not yet measured on a GPU, a tuning candidate): codes whose
 field ends below bit 23 are read in place as q * 2**sh (one and-or, no shift) and x is
 scaled by 2**-sh per row instead; the high codes share one shift.
+ROW_REDUCE / PREFETCH (configs "row_reduce", "prefetch"; tuning candidates): fold the rows
+into a [BLOCK_N] accumulator every step, and drop the register double buffer; both cut
+registers (the INT4 64 x 512-code config spills at 255 registers with neither).
 Zero points / offsets: sum_k x*(q - z)*s = s*(sum x*q - z*sum x); offsets likewise
 (s*sum x*q + o*sum x), so fractional zero points cost nothing per code.
 
@@ -35,8 +38,8 @@ if triton is not None:
                      N, K, KW, GS, steps_per_split,
                      BITS: tl.constexpr, ZERO_MODE: tl.constexpr, ACT_ORDER: tl.constexpr,
                      GROUP_PER_STEP: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     USE_WS: tl.constexpr, SHIFTLESS: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_KW: tl.constexpr):
+                     USE_WS: tl.constexpr, SHIFTLESS: tl.constexpr, ROW_REDUCE: tl.constexpr,
+                     PREFETCH: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr):
         E: tl.constexpr = 32 // BITS
         HI_SHIFT: tl.constexpr = 12 + (BITS // 8) * 4   # 12 for INT4, 16 for INT8
         MASK: tl.constexpr = (1 << BITS) - 1
@@ -47,7 +50,10 @@ if triton is not None:
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
         rows = tl.arange(0, BLOCK_KW)
-        acc = tl.zeros((BLOCK_KW, BLOCK_N), dtype=tl.float32)
+        if ROW_REDUCE:
+            acc1 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        else:
+            acc = tl.zeros((BLOCK_KW, BLOCK_N), dtype=tl.float32)
         step0 = pid_k * steps_per_split
         # the last split may own fewer steps; never step past K (a step's group index must
         # stay < G: the per-step scale load is masked only along N)
@@ -55,13 +61,19 @@ if triton is not None:
         row_end = tl.minimum(KW, step_end * BLOCK_KW)
         r = step0 * BLOCK_KW + rows
         w_cols = w_ptr + offs_n[None, :]
-        words = tl.load(w_cols + r[:, None] * N, mask=(r < row_end)[:, None] & mask_n[None, :],
-                        other=0)
+        if PREFETCH:
+            words = tl.load(w_cols + r[:, None] * N,
+                            mask=(r < row_end)[:, None] & mask_n[None, :], other=0)
         for step in range(step0, step_end):
-            # register double buffer: issue the next step's loads before this step's math
             r_next = r + BLOCK_KW
-            words_next = tl.load(w_cols + r_next[:, None] * N,
-                                 mask=(r_next < row_end)[:, None] & mask_n[None, :], other=0)
+            if PREFETCH:
+                # register double buffer: issue the next step's loads before this step's math
+                words_next = tl.load(w_cols + r_next[:, None] * N,
+                                     mask=(r_next < row_end)[:, None] & mask_n[None, :],
+                                     other=0)
+            else:
+                words = tl.load(w_cols + r[:, None] * N,
+                                mask=(r < row_end)[:, None] & mask_n[None, :], other=0)
             mask_rn = (r < KW)[:, None] & mask_n[None, :]
             if GROUP_PER_STEP:
                 g = (step * BLOCK_KW * E) // GS
@@ -113,14 +125,24 @@ if triton is not None:
                         qf = qf - 8388608.0
                 accq += xj[:, None] * qf
             if ZERO_MODE == 0:
-                acc += accq * s
+                part = accq * s
             elif ZERO_MODE == 1:
-                acc += (accq - xs[:, None] * z) * s
+                part = (accq - xs[:, None] * z) * s
             else:
-                acc += accq * s + xs[:, None] * z
-            words = words_next
+                part = accq * s + xs[:, None] * z
+            if ROW_REDUCE:
+                # fold the rows every step: one [BLOCK_KW, BLOCK_N] fp32 tile fewer in
+                # registers, for a cross-thread reduction per step
+                acc1 += tl.sum(part, axis=0)
+            else:
+                acc += part
+            if PREFETCH:
+                words = words_next
             r = r_next
-        res = tl.sum(acc, axis=0)
+        if ROW_REDUCE:
+            res = acc1
+        else:
+            res = tl.sum(acc, axis=0)
         if USE_WS:
             tl.store(ws_ptr + pid_k * N + offs_n, res, mask=mask_n)
         else:
@@ -134,7 +156,8 @@ def constexprs(cfg, bits, zero_mode, act_order, group_per_step, has_bias, use_ws
     bench/triton_aot_check.py to compile without a GPU)."""
     return dict(BITS=bits, ZERO_MODE=zero_mode, ACT_ORDER=act_order,
                 GROUP_PER_STEP=group_per_step, HAS_BIAS=has_bias, USE_WS=use_ws,
-                SHIFTLESS=cfg.shiftless, BLOCK_N=cfg.block_n,
+                SHIFTLESS=cfg.shiftless, ROW_REDUCE=cfg.row_reduce,
+                PREFETCH=cfg.prefetch, BLOCK_N=cfg.block_n,
                 BLOCK_KW=cfg.block_k // (32 // bits))
 
 
