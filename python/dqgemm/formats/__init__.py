@@ -1,7 +1,7 @@
 """Checkpoint formats of quantization frameworks <-> dqgemm's canonical kpack-v1.
 
 Importers (each returns a QuantizedWeight whose dequantized weight equals the framework's
-own dequantization, bit for bit in fp32 from the stored scales):
+own dequantization: exactly, or rounded the same where the framework computes in fp16):
 
     from_gptq(qweight, qzeros, scales, g_idx=None, bits=4, group_size=128,
               checkpoint_format="gptq")             # GPTQ v1 ("gptq") and "gptq_v2"
