@@ -13,7 +13,6 @@
 import importlib.util
 import json
 import math
-import os
 
 import pytest
 import torch
@@ -53,6 +52,8 @@ def test_quality_against_known_values():
 def test_variants_from_args():
     names = [v.name for v in demo.variants_from_args([4, 8], None)]
     assert names == ["int4-g32", "int4-g64", "int8-per-channel"]
+    assert [v.name for v in demo.variants_from_args([4, 8], None, fast=True)] == [
+        "int4-g32", "int8-per-channel"]
     assert [v.name for v in demo.variants_from_args([8], [32, -1])] == ["int8-g32",
                                                                          "int8-per-channel"]
     with pytest.raises(ValueError, match="group_size"):
@@ -76,6 +77,33 @@ def test_bad_model_path_and_device(tmp_path):
         demo.run(args)
     with pytest.raises(ValueError, match="device"):
         demo.run(_parse(["--device", "tpu"]))
+
+
+def test_e2e_rows_format(capsys):
+    """The GPU decode benchmark's rows (here its tiny CPU model) print as the demo's table."""
+    pytest.importorskip("dqgemm.bench.e2e")
+    rows = demo.run_e2e("cpu", (1, 2), demo.Progress(), model="tiny", layers=1, steps=2,
+                        warmup=1, context=8)
+    assert {(r["variant"], r["batch"]) for r in rows} >= {("fp16", 1), ("int4", 2),
+                                                           ("int8", 1)}
+    text = "\n".join(demo.format_e2e(rows))
+    assert "tokens/s" in text and "int4" in text and "fp16" in text
+    assert "not run" not in text, text
+
+
+def test_missing_e2e_module_is_a_note(monkeypatch, capsys):
+    import builtins
+    real_import = builtins.__import__
+
+    def no_e2e(name, globals=None, locals=None, fromlist=(), level=0):
+        if name == "bench" and level == 1 and "e2e" in (fromlist or ()):
+            raise ModuleNotFoundError("No module named 'dqgemm.bench.e2e'",
+                                      name="dqgemm.bench.e2e")
+        return real_import(name, globals, locals, fromlist, level)
+
+    monkeypatch.setattr(builtins, "__import__", no_e2e)
+    assert demo.run_e2e("cuda", (1,), demo.Progress()) is None
+    assert "not part of this installation" in capsys.readouterr().out
 
 
 def _run_cli(argv):
@@ -197,10 +225,9 @@ def test_demo_fast_on_smollm2(tmp_path, monkeypatch, capsys):
     report = json.loads(out_json.read_text())
 
     q, mem = report["quality"], report["memory"]["variants"]
-    assert set(q) == {"unquantized", "int4-g32", "int4-g64", "int8-per-channel",
-                      "int4-g32-gguf"}
+    assert set(q) == {"unquantized", "int4-g32", "int8-per-channel", "int4-g32-gguf"}
     assert report["memory"]["layers"] == 210          # 30 blocks x 7 linears, lm_head skipped
-    for name in ("int4-g32", "int4-g64", "int8-per-channel", "int4-g32-gguf"):
+    for name in ("int4-g32", "int8-per-channel", "int4-g32-gguf"):
         assert math.isfinite(q[name]["kl_mean"]) and q[name]["kl_mean"] >= 0
         assert q[name]["positions"] >= 30
     # INT8 keeps the model; INT4 round-to-nearest costs more but still tracks it.
@@ -211,7 +238,7 @@ def test_demo_fast_on_smollm2(tmp_path, monkeypatch, capsys):
     # The file's own Q4_1 blocks, run by dqgemm, are the unquantized model exactly.
     assert q["int4-g32-gguf"]["kl_mean"] < 1e-4
     assert q["int4-g32-gguf"]["top1_agreement"] == 1.0
-    for name in ("int4-g32", "int4-g64", "int4-g32-gguf"):
+    for name in ("int4-g32", "int4-g32-gguf"):
         assert mem[name]["ratio_vs_fp16"] > 3
     assert 1.9 < mem["int8-per-channel"]["ratio_vs_fp16"] <= 2.0
     for v in report["speed"]["variants"].values():

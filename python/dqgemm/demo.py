@@ -35,7 +35,6 @@ import copy
 import dataclasses
 import importlib.util
 import json
-import math
 import os
 import platform
 import sys
@@ -103,6 +102,8 @@ class Variant:
 
 
 DEFAULT_GROUP_SIZES = {4: (32, 64), 8: (-1,)}
+SMALL_CPU_CORES = 2     # at most this many cores: one torch thread unless --threads
+FAST_GROUP_SIZES = {4: (32,), 8: (-1,)}
 
 
 # ----------------------------------------------------------------------------------------
@@ -146,20 +147,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plot", metavar="PATH.png", default=None,
                         help="save a chart of memory, quality and speed (needs matplotlib)")
     parser.add_argument("--fast", action="store_true",
-                        help="a small workload (3 prompts, short generations; what CI runs)")
+                        help="a small workload for CI: 3 prompts, short generations, INT4 "
+                             "group 32 only (unless --group-size says otherwise)")
     parser.add_argument("--no-e2e", action="store_true",
                         help="skip the Llama-3-8B-shaped GPU decode benchmark")
     parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads for torch (default: torch's choice)")
+                        help="CPU threads for torch (default: torch's choice; 1 on machines "
+                             "with at most 2 cores)")
 
 
-def variants_from_args(bits: Sequence[int], group_sizes: Optional[Sequence[int]]
-                       ) -> List[Variant]:
+def variants_from_args(bits: Sequence[int], group_sizes: Optional[Sequence[int]],
+                       fast: bool = False) -> List[Variant]:
     from .format import check_bits, check_group_size
     out: List[Variant] = []
     for b in bits:
         check_bits(b)
-        for g in (group_sizes if group_sizes is not None else DEFAULT_GROUP_SIZES[b]):
+        defaults = (FAST_GROUP_SIZES if fast else DEFAULT_GROUP_SIZES)[b]
+        for g in (group_sizes if group_sizes is not None else defaults):
             check_group_size(g)
             if Variant(b, g) not in out:
                 out.append(Variant(b, g))
@@ -411,8 +415,10 @@ def kernels_selected(model, dtype, device, backend: str, tokens: int) -> Dict[st
     return out
 
 
-def run_e2e(device, batches: Sequence[int], log: Progress) -> Optional[List[Dict]]:
-    """The Llama-3-8B-shaped decode benchmark (dqgemm.bench.e2e), only on CUDA."""
+def run_e2e(device, batches: Sequence[int], log: Progress, model: str = "llama3-8b",
+            **kwargs) -> Optional[List[Dict]]:
+    """The Llama-3-8B-shaped decode benchmark (dqgemm.bench.e2e; the demo calls it on CUDA
+    only). None, with a note printed, when this installation has no dqgemm.bench.e2e."""
     try:
         from .bench import e2e
     except ModuleNotFoundError as exc:
@@ -421,9 +427,9 @@ def run_e2e(device, batches: Sequence[int], log: Progress) -> Optional[List[Dict
                 "Llama-3-8B-shaped decode benchmark")
             return None
         raise
-    return e2e.run_decode_benchmark(model="llama3-8b", batch_sizes=tuple(batches),
+    return e2e.run_decode_benchmark(model=model, batch_sizes=tuple(batches),
                                     variants=("fp16", "int4", "int8"), backend="auto",
-                                    device=str(device), progress=True)
+                                    device=str(device), progress=True, **kwargs)
 
 
 # ----------------------------------------------------------------------------------------
@@ -432,6 +438,24 @@ def run_e2e(device, batches: Sequence[int], log: Progress) -> Optional[List[Dict
 
 def _mib(n: float) -> str:
     return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
+
+
+def format_e2e(rows: Sequence[Dict]) -> List[str]:
+    """The rows of dqgemm.bench.e2e.run_decode_benchmark as a table."""
+    lines = ["Llama-3-8B-shaped decode, random weights, CUDA graphs (dqgemm.bench.e2e):",
+             f"  {'batch':>5}  {'variant':<8}{'tokens/s':>10}{'ms/token':>10}{'vs fp16':>9}"
+             f"  kernel"]
+    for r in rows:
+        if not r.get("ok", True) or not r.get("tokens_per_s"):
+            lines.append(f"  {r.get('batch', '?'):>5}  {r.get('variant', '?'):<8}  not run: "
+                         f"{r.get('note') or 'failed'}")
+            continue
+        ratio = r.get("speedup_vs_fp16")
+        lines.append(f"  {r['batch']:>5}  {r['variant']:<8}{r['tokens_per_s']:>10.1f}"
+                     f"{r.get('ms_per_token', float('nan')):>10.3f}"
+                     f"{(f'{ratio:.2f}x' if ratio else ''):>9}  "
+                     f"{r.get('kernel') or r.get('backend') or ''}")
+    return lines
 
 
 def format_report(report: Dict) -> str:
@@ -443,7 +467,7 @@ def format_report(report: Dict) -> str:
     add(f"dqgemm demo: {report['model']['name']} ({report['model']['parameters'] / 1e6:.1f} M "
         f"parameters, {report['model']['class']})")
     add(f"  device: {dev['name']}; activations {dev['dtype']}; torch {dev['torch']}, "
-        f"{dev['threads']} threads")
+        f"{dev['threads']} CPU thread(s){dev.get('threads_note', '')}")
     add("  variants:")
     for name, v in report["variants"].items():
         add(f"    {name:<16} {v['method']}")
@@ -493,14 +517,7 @@ def format_report(report: Dict) -> str:
     add(f"  {speed['note']}")
     add("")
     if report.get("e2e"):
-        add("Llama-3-8B-shaped decode, random weights, CUDA graphs (dqgemm.bench.e2e):")
-        rows = report["e2e"]
-        fp16 = {r["batch"]: r["tokens_per_s"] for r in rows if r["variant"] == "fp16"}
-        for r in rows:
-            ratio = (f"{r['tokens_per_s'] / fp16[r['batch']]:.2f}x fp16"
-                     if r["batch"] in fp16 else "")
-            add(f"  batch {r['batch']:>3}  {r['variant']:<6}{r['tokens_per_s']:>10.1f} tok/s "
-                f"{r.get('ms_per_token', float('nan')):>8.3f} ms/token  {ratio}")
+        lines.extend(format_e2e(report["e2e"]))
     elif report.get("e2e_note"):
         add(report["e2e_note"])
     add("")
@@ -627,10 +644,9 @@ def quantized_copy(model, variant: Variant, args, reader, comparable: Sequence[s
                     n in summary.loaded]
         for n in restored:
             _set_submodule(qmodel, n, keep[n])
-        types = gguf_quantized_types(reader)
-        notes.append(f"from the file's {'/'.join(types)} blocks, converted without rounding")
+        notes.append("the file's own blocks, converted without rounding")
         if restored:
-            notes.append(f"kept in float as in the other variants: {', '.join(restored)}")
+            notes.append(f"{', '.join(restored)} kept in float as in the other rows")
     else:
         kwargs = {"clip_search": True} if args.clip_search else {}
         summary = quantize_model(qmodel, bits=variant.bits, group_size=variant.group_size,
@@ -657,16 +673,34 @@ def quantized_copy(model, variant: Variant, args, reader, comparable: Sequence[s
 
 
 def run(args) -> Dict:
+    """Runs the demo and returns its report (a JSON-able dict); restores torch's thread
+    count on the way out."""
+    import torch
+    threads = torch.get_num_threads()
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args) -> Dict:
     log = Progress()
     import torch
     from . import ops
 
     workload = FAST if args.fast else FULL
-    variants = variants_from_args(args.bits, args.group_size)
+    variants = variants_from_args(args.bits, args.group_size, args.fast)
     ops.check_backend(args.backend)
     device, dtype = _resolve_device_dtype(args.device, args.dtype)
+    threads_note = ""
     if args.threads:
         torch.set_num_threads(args.threads)
+    elif device.type == "cpu" and (os.cpu_count() or 1) <= SMALL_CPU_CORES:
+        # Measured on a shared 2-core machine: with 2 torch threads, each parallel region
+        # waits for the thread whose core is busy elsewhere, and the demo ran 3-5x slower
+        # than with 1 thread. One thread keeps the run predictable; --threads overrides.
+        torch.set_num_threads(1)
+        threads_note = f" (default on <= {SMALL_CPU_CORES} cores; --threads N to change)"
     torch.manual_seed(0)
     device_name = (torch.cuda.get_device_name(device) if device.type == "cuda"
                    else f"CPU ({platform.machine()}, {os.cpu_count()} cores)")
@@ -752,7 +786,8 @@ def run(args) -> Dict:
         "model": {"path": os.path.abspath(path), "name": name, "class": type(model).__name__,
                   "parameters": n_params},
         "device": {"type": device.type, "name": device_name, "dtype": str(dtype)[6:],
-                   "torch": torch.__version__, "threads": torch.get_num_threads()},
+                   "torch": torch.__version__, "threads": torch.get_num_threads(),
+                   "threads_note": threads_note},
         "workload": {**dataclasses.asdict(workload), "fast": bool(args.fast),
                      "clip_search": bool(args.clip_search),
                      "symmetric": not args.asymmetric, "backend": args.backend},
