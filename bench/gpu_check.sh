@@ -22,6 +22,7 @@
 # decode ~45 s: about 5 minutes.
 # Knobs (environment): BENCH_ARGS (default below), E2E_MODEL (llama3-8b), E2E_ARGS,
 # E2E_BACKENDS (default: every usable backend but reference), TEST_TIMEOUT (150),
+# TEST_PATHS (tests), BENCH_TIMEOUT / E2E_TIMEOUT (seconds per process, 0 = none),
 # SKIP_TESTS=1, SKIP_E2E=1, SKIP_BUILD=1, PYTHON (python3).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -34,6 +35,9 @@ BENCH_ARGS=${BENCH_ARGS:-"--shapes anchors --m 1,16,64,256,1024,4096"}
 E2E_MODEL=${E2E_MODEL:-llama3-8b}
 E2E_ARGS=${E2E_ARGS:-"--batch-sizes 1,8,32"}
 TEST_TIMEOUT=${TEST_TIMEOUT:-150}
+TEST_PATHS=${TEST_PATHS:-tests}
+BENCH_TIMEOUT=${BENCH_TIMEOUT:-0}
+E2E_TIMEOUT=${E2E_TIMEOUT:-0}
 LOG="$OUT_DIR/check.log"
 T0=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - T0 ))s] $*" | tee -a "$LOG"; }
@@ -71,8 +75,9 @@ $PY -m dqgemm info >> "$LOG" 2>&1 || stamp "dqgemm info failed"
 
 TESTS="skipped"
 if [ "${SKIP_TESTS:-0}" != "1" ]; then
-  stamp "tests: pytest -q tests (timeout ${TEST_TIMEOUT}s)"
-  timeout "$TEST_TIMEOUT" $PY -m pytest -q -p no:cacheprovider tests >> "$LOG" 2>&1
+  stamp "tests: pytest -q $TEST_PATHS (timeout ${TEST_TIMEOUT}s)"
+  # shellcheck disable=SC2086
+  timeout "$TEST_TIMEOUT" $PY -m pytest -q -p no:cacheprovider $TEST_PATHS >> "$LOG" 2>&1
   rc=$?
   TESTS=$(grep -E "(passed|failed|error)" "$LOG" | tail -1)
   [ $rc -eq 124 ] && TESTS="TIMED OUT after ${TEST_TIMEOUT}s (last: ${TESTS:-none})"
@@ -87,7 +92,7 @@ RESUME=""
 for attempt in 1 2 3 4; do
   stamp "bench: python -m dqgemm bench $BENCH_ARGS $RESUME"
   # shellcheck disable=SC2086
-  $PY -m dqgemm bench $BENCH_ARGS --json "$JSON" --plot "$PNG" --table full $RESUME \
+  timeout "$BENCH_TIMEOUT" $PY -m dqgemm bench $BENCH_ARGS --json "$JSON" --plot "$PNG" --table full $RESUME \
     >> "$OUT_DIR/bench.log" 2>&1
   BENCH_RC=$?
   stamp "bench: rc=$BENCH_RC"
@@ -111,7 +116,7 @@ if [ "${SKIP_E2E:-0}" != "1" ]; then
     if [ "$be" = fp16 ]; then VARIANTS="--variants fp16"; BE="auto"; else VARIANTS="--variants int4,int8"; BE=$be; fi
     stamp "e2e: python -m dqgemm bench --model $E2E_MODEL $E2E_ARGS $VARIANTS --e2e-backends $BE"
     # shellcheck disable=SC2086
-    $PY -m dqgemm bench --model "$E2E_MODEL" $E2E_ARGS $VARIANTS --e2e-backends "$BE" \
+    timeout "$E2E_TIMEOUT" $PY -m dqgemm bench --model "$E2E_MODEL" $E2E_ARGS $VARIANTS --e2e-backends "$BE" \
       --json "$E2E_TMP/e2e_$i.json" --no-progress >> "$OUT_DIR/bench.log" 2>&1 || E2E_RC=$?
   done
   $PY - "$E2E_JSON" "$E2E_TMP"/e2e_*.json <<'PYEOF' || E2E_RC="merge failed"

@@ -60,6 +60,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--reference-max-m", type=int, default=1024,
                    help="... and up to this M")
     o = parser.add_argument_group("output")
+    g.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                   help="stop timing new cases after this long; the rest is listed as not run "
+                        "and the JSON is still written")
     o.add_argument("--json", default=None, metavar="PATH", help="write the results document")
     o.add_argument("--plot", default=None, metavar="PATH.png",
                    help="speedup over FP16 vs M per shape, with the roofline")
@@ -194,7 +197,8 @@ def _main(args) -> int:
         backends=backend_tokens(args.backends), device=device, reps=reps,
         warmup=args.warmup, rotate=not args.no_rotate, graphs=not args.no_graphs,
         reference_max_kn=args.reference_max_kn, reference_max_m=args.reference_max_m,
-        progress=not args.no_progress, command=command, resume=resume)
+        progress=not args.no_progress, command=command, resume=resume,
+        time_budget_s=args.time_budget)
     doc = runner.run(settings)
     _emit(doc, args)
     return _status(doc)

@@ -100,7 +100,7 @@ def skipped_notes(doc: Dict) -> List[str]:
     out = [f"{b} (int{bits}): {reason}  [{n} cases]"
            for (b, bits, reason), n in counts.items()]
     if doc.get("not_run"):
-        out.append(f"{len(doc['not_run'])} cases not run: {doc.get('aborted')}")
+        out.append(f"{len(doc['not_run'])} cases not run: {doc.get('aborted') or doc.get('stopped')}")
     return out
 
 

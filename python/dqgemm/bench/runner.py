@@ -24,6 +24,7 @@ import datetime
 import gc
 import platform
 import sys
+import time
 from typing import Dict, List, Optional
 
 import torch
@@ -54,6 +55,7 @@ class Settings:
     reference_max_m: int = 1024
     progress: bool = True
     command: str = ""
+    time_budget_s: Optional[float] = None   # stop timing new cases after this many seconds
     resume: Optional[Dict] = None       # a document of an aborted run to continue
 
 
@@ -239,6 +241,9 @@ def run(settings: Settings, rf: Optional[roofline.Roofline] = None) -> Dict:
     except ImportError:  # tqdm is a dependency, but never fail a benchmark over a bar
         bar = None
     broken: Optional[str] = None
+    stopped: Optional[str] = None            # time budget spent: the rest is not_run
+    deadline = (time.monotonic() + settings.time_budget_s
+                if settings.time_budget_s else None)
     for shape in settings.shapes:
         store = None
         try:
@@ -261,7 +266,10 @@ def run(settings: Settings, rf: Optional[roofline.Roofline] = None) -> Dict:
                     if bar is not None:
                         bar.set_postfix_str(label, refresh=False)
                         bar.update(1)
-                    if broken:
+                    if deadline is not None and not stopped and time.monotonic() > deadline:
+                        stopped = f"time budget of {settings.time_budget_s:.0f} s used up"
+                        doc["stopped"] = stopped
+                    if broken or stopped:
                         doc["not_run"].append({"shape": [shape.k, shape.n], "M": m,
                                                "backend": method.backend, "bits": method.bits})
                         continue
