@@ -779,8 +779,8 @@ def _run(args) -> Dict:
                       "(it dequantizes every weight on every call), so these tokens/s measure "
                       "that path, not dqgemm's GPU kernels: CPU speed is not the GPU story.")
     else:
-        speed_note = ("Eager transformers generate at batch 1: a model this small is bound by "
-                      "kernel launches and Python, not by weight bandwidth; the "
+        speed_note = ("Eager transformers generate at batch 1: for a model this small that "
+                      "mostly measures kernel launches and Python, not weight bandwidth; the "
                       "Llama-3-8B-shaped decode benchmark below is the kernels' story.")
     report = {
         "model": {"path": os.path.abspath(path), "name": name, "class": type(model).__name__,
@@ -808,6 +808,7 @@ def _run(args) -> Dict:
         "e2e": None,
     }
     if device.type == "cuda" and not args.no_e2e:
+        torch.cuda.empty_cache()    # the benchmark builds 8B-parameter models
         log("Llama-3-8B-shaped decode benchmark (random weights, CUDA graphs)")
         report["e2e"] = run_e2e(device, workload.e2e_batches, log)
         if report["e2e"] is None:
