@@ -9,7 +9,10 @@ What it does, in order (each step prints its progress and elapsed time):
      reference text. Every later quality number is measured on it.
   3. For each variant (default INT4 group 32, INT4 group 64, INT8 per-channel) quantizes a
      copy of the model's nn.Linear layers with dqgemm.quantize_model (lm_head is left alone:
-     in SmolLM2 it is tied to the token embedding, which stays in float anyway) and reports
+     in SmolLM2 it is tied to the token embedding, which stays in float anyway); for a .gguf
+     model whose weights are already quantized (SmolLM2's are Q4_1) also a copy running the
+     file's own blocks through dqgemm.load_quantized, without re-quantizing. For each it
+     reports
        - linear-weight memory before and after;
        - quality against the unquantized model, teacher-forced on the reference text: mean KL
          divergence KL(P_unquantized || P_quantized) of the next-token distributions, top-1
