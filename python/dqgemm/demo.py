@@ -175,6 +175,10 @@ def variants_from_args(bits: Sequence[int], group_sizes: Optional[Sequence[int]]
     return out
 
 
+class SetupError(RuntimeError):
+    """A package the demo needs is not installed."""
+
+
 class Progress:
     """Prints each step with the time elapsed since the demo started."""
 
@@ -248,7 +252,7 @@ def load_model(path: str, device, dtype):
         import transformers
         from transformers import AutoModelForCausalLM, AutoTokenizer
     except ImportError as exc:
-        raise RuntimeError(f"the demo needs transformers (and gguf for .gguf files): "
+        raise SetupError(f"the demo needs transformers (and gguf for .gguf files): "
                            f"{INSTALL_HINT} ({exc})") from exc
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
@@ -257,7 +261,7 @@ def load_model(path: str, device, dtype):
         for package, why in (("gguf", "read .gguf files"),
                              ("accelerate", "load .gguf files with transformers")):
             if importlib.util.find_spec(package) is None:
-                raise RuntimeError(f"model: the demo needs the pip package {package} to "
+                raise SetupError(f"model: the demo needs the pip package {package} to "
                                    f"{why}: {INSTALL_HINT}")
         folder, kwargs = os.path.dirname(os.path.abspath(path)), {"gguf_file":
                                                                   os.path.basename(path)}
@@ -536,7 +540,7 @@ def write_plot(report: Dict, path: str) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as exc:
-        raise RuntimeError(f"plot: --plot needs matplotlib (pip install matplotlib): {exc}"
+        raise SetupError(f"plot: --plot needs matplotlib (pip install matplotlib): {exc}"
                            ) from exc
     names = list(report["memory"]["variants"])
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
@@ -825,15 +829,20 @@ def _run(args) -> Dict:
 
 
 def main(args) -> int:
-    report = run(args)
-    print(format_report(report), flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
-        print(f"wrote {args.json}")
-    if args.plot:
-        write_plot(report, args.plot)
-        print(f"wrote {args.plot}")
+    try:
+        report = run(args)
+        print(format_report(report), flush=True)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(report, f, indent=2)
+            print(f"wrote {args.json}")
+        if args.plot:
+            write_plot(report, args.plot)
+            print(f"wrote {args.plot}")
+    except (SetupError, FileNotFoundError) as exc:
+        # Something to install or a path to fix: one clear line, not a traceback.
+        print(f"python -m dqgemm demo: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
