@@ -148,6 +148,8 @@ class DispatchRule:
     dtype: Optional[str] = None         # "fp16" | "bf16"
     m_min: Optional[int] = None
     m_max: Optional[int] = None
+    n_min: Optional[int] = None          # out_features range
+    n_max: Optional[int] = None
     note: str = ""                       # where the rule came from (measurement, file)
 
     def matches(self, p: Problem) -> bool:
@@ -162,6 +164,10 @@ class DispatchRule:
         if self.m_min is not None and p.m < self.m_min:
             return False
         if self.m_max is not None and p.m > self.m_max:
+            return False
+        if self.n_min is not None and p.n < self.n_min:
+            return False
+        if self.n_max is not None and p.n > self.n_max:
             return False
         return True
 
