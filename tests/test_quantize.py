@@ -110,3 +110,30 @@ def test_property_round_trip_and_bounds(n, k_groups, group_size, bits, symmetric
     s, clipped = _step_and_clipped(w, qw)
     err = (qw.dequantize() - w).abs()
     assert bool((err[~clipped] <= 0.5 * s[~clipped] * (1 + 1e-5) + 1e-7).all())
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("group_size", [32, -1])
+def test_offsets_mode_min_max(bits, group_size):
+    w = random_weight(32, 256, seed=11) + 0.01   # ranges that do not include 0
+    qw = dqgemm.quantize(w, bits, group_size, zero_mode="offsets")
+    assert qw.zero_mode == "offsets" and qw.zero_points is None
+    gs = 256 if group_size == -1 else group_size
+    s = qw.scales.float().repeat_interleave(gs, 1)
+    o = qw.offsets.float().repeat_interleave(gs, 1)
+    err = (qw.dequantize() - w).abs()
+    # Half a step, plus the offset's rounding to fp16 and the last code's clamp.
+    levels = (1 << bits) - 1
+    bound = (0.5 + levels * 2.0 ** -11) * s + o.abs() * 2.0 ** -11 + 1e-7
+    assert bool((err <= bound).all())
+    # Requantizing is lossless, and the format round-trips through its tensors.
+    again = dqgemm.quantize(qw.dequantize(), bits, group_size, zero_mode="offsets")
+    assert torch.equal(again.dequantize(), qw.dequantize())
+    # Lower error than the zero-point scheme, whose range must include 0.
+    zp = dqgemm.quantize(w, bits, group_size, symmetric=False)
+    assert (qw.dequantize() - w).pow(2).sum() < (zp.dequantize() - w).pow(2).sum()
+
+
+def test_unknown_zero_mode_is_named():
+    with pytest.raises(ValueError, match="zero_mode: expected"):
+        dqgemm.quantize(torch.randn(4, 64), 4, 32, zero_mode="float")

@@ -12,6 +12,9 @@ and its maximum on the last code (clamped there by at most (2**bits - 1) * ulp(s
 about 0.007 of a step for INT4 with fp16 scales): every group spans the whole grid, which
 makes re-quantizing a dequantized weight lossless.
 
+Offsets (``zero_mode="offsets"``, the GGUF Q4_1 scheme): min-max over the group,
+            scale = (max - min) / (2**bits - 1), offset = min, q = round((w - offset) / scale).
+
 The optional clipping search (``clip_search=True``) tries a few shrink factors of each
 group's range and keeps, per group, the one with the least squared error. Shrinking
 clips a few outliers and buys a finer step for all the other weights.
@@ -67,18 +70,30 @@ def _round_scale(exact: torch.Tensor, dtype: torch.dtype, direction: str) -> tor
     return torch.where(off, bumped, rounded)
 
 
-def _quantize_groups(w: torch.Tensor, bits: int, symmetric: bool, scale_dtype: torch.dtype,
+def _quantize_groups(w: torch.Tensor, bits: int, mode: str, scale_dtype: torch.dtype,
                      ratio: float):
-    """w: fp32 [N, G, gs]. Returns (codes int [N,G,gs], scales [N,G], zeros [N,G] or None)."""
-    if symmetric:
+    """w: fp32 [N, G, gs]. Returns (codes [N,G,gs], scales [N,G], zero_points, offsets)."""
+    levels = (1 << bits) - 1
+    if mode == "symmetric":
         qmax = (1 << (bits - 1)) - 1
         absmax = w.abs().amax(dim=-1) * ratio
         scales = _round_scale(absmax / qmax, scale_dtype, "up")
         s = scales.float()
         safe = torch.where(s == 0, torch.ones_like(s), s).unsqueeze(-1)
         q = torch.clamp(torch.round(w / safe), -qmax - 1, qmax) + (1 << (bits - 1))
-        return q, scales, None
-    levels = (1 << bits) - 1
+        return q, scales, None, None
+    if mode == "offsets":
+        # Min-max over the group itself (GGUF Q4_1 style): w ~ q * scale + offset, offset = min.
+        # Rounded to nearest: the minimum lands on code 0 (up to the offset's rounding) and
+        # the maximum on the last code, so re-quantizing is lossless.
+        wmin, wmax = w.amin(dim=-1), w.amax(dim=-1)
+        mid, half = (wmax + wmin) / 2, (wmax - wmin) / 2 * ratio
+        offsets = (mid - half).to(scale_dtype)
+        scales = (2 * half / levels).to(scale_dtype)
+        s = scales.float()
+        safe = torch.where(s == 0, torch.ones_like(s), s).unsqueeze(-1)
+        q = torch.clamp(torch.round((w - offsets.float().unsqueeze(-1)) / safe), 0, levels)
+        return q, scales, None, offsets
     wmin = w.amin(dim=-1).clamp(max=0) * ratio
     wmax = w.amax(dim=-1).clamp(min=0) * ratio
     scales = _round_scale((wmax - wmin) / levels, scale_dtype, "down")
@@ -86,18 +101,21 @@ def _quantize_groups(w: torch.Tensor, bits: int, symmetric: bool, scale_dtype: t
     safe = torch.where(s == 0, torch.ones_like(s), s)
     zeros = torch.clamp(torch.round(-wmin / safe), 0, levels)
     q = torch.clamp(torch.round(w / safe.unsqueeze(-1)) + zeros.unsqueeze(-1), 0, levels)
-    return q, scales, zeros.to(scale_dtype)
+    return q, scales, zeros.to(scale_dtype), None
 
 
-def _dequant_groups(q, scales, zeros, bits):
+def _dequant_groups(q, scales, zeros, offsets, bits):
     s = scales.float().unsqueeze(-1)
+    if offsets is not None:
+        return q * s + offsets.float().unsqueeze(-1)
     if zeros is None:
         return (q - (1 << (bits - 1))) * s
     return (q - zeros.float().unsqueeze(-1)) * s
 
 
 def quantize(weight: torch.Tensor, bits: int = 4, group_size: int = 128,
-             symmetric: bool = True, *, scale_dtype: Optional[torch.dtype] = None,
+             symmetric: bool = True, *, zero_mode: Optional[str] = None,
+             scale_dtype: Optional[torch.dtype] = None,
              clip_search: bool = False,
              clip_ratios: Sequence[float] = DEFAULT_CLIP_RATIOS) -> QuantizedWeight:
     """Quantizes a 2-D [out_features, in_features] weight with round-to-nearest.
@@ -107,6 +125,9 @@ def quantize(weight: torch.Tensor, bits: int = 4, group_size: int = 128,
         bits: 4 or 8.
         group_size: 32, 64, 128, 256, or -1 for one scale per output channel. Must divide K.
         symmetric: True stores no zero points; False stores one per group.
+        zero_mode: overrides ``symmetric``: "symmetric", "zero_points" (integer zero points,
+            range widened to include 0), or "offsets" (min-max per group with a float offset,
+            w = q * scale + offset, the GGUF Q4_1 scheme).
         scale_dtype: dtype of scales (and zero points); default fp16, or bf16 for a bf16
             weight.
         clip_search: try each of ``clip_ratios`` per group and keep the least-squared-error one.
@@ -125,24 +146,31 @@ def quantize(weight: torch.Tensor, bits: int = 4, group_size: int = 128,
     if clip_search and (not clip_ratios or any(not 0 < r <= 1 for r in clip_ratios)):
         raise ValueError(f"clip_ratios: expected a non-empty list in (0, 1], got {clip_ratios}")
 
+    if zero_mode is None:
+        zero_mode = "symmetric" if symmetric else "zero_points"
+    if zero_mode not in ("symmetric", "zero_points", "offsets"):
+        raise ValueError(f"zero_mode: expected 'symmetric', 'zero_points' or 'offsets', "
+                         f"got {zero_mode!r}")
     gs = effective_group_size(k, group_size)
     w = weight.detach().float().reshape(n, k // gs, gs)
     ratios = clip_ratios if clip_search else (1.0,)
     best = None
     for ratio in ratios:
-        q, scales, zeros = _quantize_groups(w, bits, symmetric, scale_dtype, ratio)
-        err = (_dequant_groups(q, scales, zeros, bits) - w).pow(2).sum(dim=-1)
+        q, scales, zeros, offsets = _quantize_groups(w, bits, zero_mode, scale_dtype, ratio)
+        err = (_dequant_groups(q, scales, zeros, offsets, bits) - w).pow(2).sum(dim=-1)
         if best is None:
-            best = [q, scales, zeros, err]
+            best = [q, scales, zeros, offsets, err]
             continue
-        better = err < best[3]
+        better = err < best[4]
         best[0] = torch.where(better.unsqueeze(-1), q, best[0])
-        best[1] = torch.where(better, scales, best[1])
-        if zeros is not None:
-            best[2] = torch.where(better, zeros, best[2])
-        best[3] = torch.where(better, err, best[3])
-    q, scales, zeros, _ = best
+        for i, t in ((1, scales), (2, zeros), (3, offsets), (4, err)):
+            if t is not None:
+                best[i] = torch.where(better, t, best[i])
+    q, scales, zeros, offsets, _ = best
     codes = q.reshape(n, k).to(torch.uint8)
+
+    def contiguous(t):
+        return None if t is None else t.contiguous()
     return QuantizedWeight(qdata=pack_codes(codes, bits), scales=scales.contiguous(),
-                           zero_points=None if zeros is None else zeros.contiguous(),
+                           zero_points=contiguous(zeros), offsets=contiguous(offsets),
                            bits=bits, group_size=group_size, in_features=k)
