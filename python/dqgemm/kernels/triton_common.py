@@ -20,9 +20,9 @@ Prepared layout (built once per weight by prepare(), cached by ops.py):
   zero_points / offsets: fp32 [G, N] transposed (fp32 so fractional HQQ-style zero points
           keep their precision; they are 1/group_size of the traffic).
   act_index int32 [K]: for act-order weights the permutation of sort_by_group; the weight
-          rows are stored sorted and the fused kernels read x[:, perm[k]] (a gather in
-          the x load, no extra pass); the dequant family gathers x once into a cached
-          buffer before cuBLAS.
+          rows are stored sorted; run_with_config gathers x[:, perm] once per call (the
+          fused kernels' inner loops then read x contiguously; their perm_ptr path stays
+          for direct callers); the dequant family gathers x once into a cached buffer.
 
 Dequantization without int->float conversion instructions (I2F runs at 1/8 the FMA rate):
 OR the code into the mantissa of 2**23 (0x4B000000) and subtract 2**23 in fp32.
@@ -328,6 +328,12 @@ def run_with_config(x: torch.Tensor, args: LaunchArgs, bias: Optional[torch.Tens
     m = x.shape[0]
     if out is None:
         out = torch.empty(m, args.n, dtype=x.dtype, device=x.device)
+    if args.perm is not None and cfg.family != "dequant":
+        # Act-order: gather the activation columns once per call (M x K, small at the M these
+        # fused families serve) so the kernels' inner loops read x contiguously; the dequant
+        # family gathers into its own cached buffer.
+        x = x.index_select(1, args.perm)
+        args = dataclasses.replace(args, perm=None)
     if cfg.family == "gemv":
         if m != 1:
             raise ValueError(f"x: the gemv family expects M = 1, got M = {m}")
