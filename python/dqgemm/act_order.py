@@ -46,3 +46,17 @@ def has_trivial_g_idx(qweight: QuantizedWeight) -> bool:
     gs = effective_group_size(qweight.in_features, qweight.group_size)
     expected = torch.arange(qweight.in_features, device=qweight.g_idx.device) // gs
     return bool(torch.equal(qweight.g_idx.long(), expected))
+
+
+def contiguous_groups(qweight: QuantizedWeight
+                      ) -> Tuple[QuantizedWeight, "torch.Tensor | None"]:
+    """What a kernel's prepare() wants: a weight without g_idx, and the permutation or None.
+
+    A trivial g_idx (k // group_size) is simply dropped; any other is sorted away
+    (sort_by_group), and the returned int64 permutation must be applied to x's columns.
+    """
+    if qweight.g_idx is None:
+        return qweight, None
+    if has_trivial_g_idx(qweight):
+        return qweight.replace(g_idx=None), None
+    return sort_by_group(qweight)

@@ -37,7 +37,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from .. import _ext, registry
-from ..act_order import has_trivial_g_idx, sort_by_group
+from ..act_order import contiguous_groups
 from ..format import QuantizedWeight, effective_group_size
 
 TILE_N = 128            # channels per n_tile (kernel layout constant)
@@ -336,13 +336,7 @@ def decode_matmul(x: torch.Tensor, prepared: DecodePrepared, bias: Optional[torc
 # ----------------------------------------------------------------------------------------
 
 def prepare_decode(qweight: QuantizedWeight) -> DecodePrepared:
-    perm = None
-    qw = qweight
-    if qw.g_idx is not None:
-        if has_trivial_g_idx(qw):
-            qw = qw.replace(g_idx=None)
-        else:
-            qw, perm = sort_by_group(qw)
+    qw, perm = contiguous_groups(qweight)
     mode, zo = _zero_mode_and_terms(qw)
     scales = qw.scales.float().contiguous()
     dtype = qw.scales.dtype if qw.scales.dtype in (torch.float16, torch.bfloat16) \

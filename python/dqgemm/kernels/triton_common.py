@@ -106,14 +106,9 @@ def unpack_words(words: torch.Tensor, bits: int, in_features: int) -> torch.Tens
 
 def prepare_weight(qweight) -> registry.PreparedWeight:
     """The Triton layout of a canonical QuantizedWeight (sorted first if act-order)."""
-    perm = None
-    if qweight.g_idx is not None:
-        from ..act_order import has_trivial_g_idx, sort_by_group
-        if has_trivial_g_idx(qweight):
-            qweight = qweight.replace(g_idx=None)
-        else:
-            qweight, perm64 = sort_by_group(qweight)
-            perm = perm64.to(torch.int32).contiguous()
+    from ..act_order import contiguous_groups
+    qweight, perm64 = contiguous_groups(qweight)
+    perm = None if perm64 is None else perm64.to(torch.int32).contiguous()
     codes = unpack_codes(qweight.qdata, qweight.bits, qweight.in_features)
     packed = pack_words(codes, qweight.bits)
 
