@@ -158,11 +158,11 @@ def _tiny_llama_gguf(path, linear_type="Q4_1", arch="llama"):
     return dict(hidden=hidden, ffn=ffn, heads=heads, kv=kv, vocab=vocab), expected
 
 
-def _tiny_llama(dims):
+def _tiny_llama(dims, layers=2):
     transformers = pytest.importorskip("transformers")
     config = transformers.LlamaConfig(
         vocab_size=dims["vocab"], hidden_size=dims["hidden"], intermediate_size=dims["ffn"],
-        num_hidden_layers=2, num_attention_heads=dims["heads"],
+        num_hidden_layers=layers, num_attention_heads=dims["heads"],
         num_key_value_heads=dims["kv"], tie_word_embeddings=True)
     torch.manual_seed(0)
     return transformers.LlamaForCausalLM(config).eval()
@@ -214,6 +214,22 @@ def test_errors_name_the_tensor(tmp_path):
     with pytest.raises(ValueError, match=r"blk\.0\.attn_q\.weight: GGUF type Q4_K is not "
                                          r"supported"):
         load_quantized(_tiny_llama(dims), path)
+
+
+def test_model_tensors_missing_from_the_file(tmp_path):
+    """A model with a layer more than the file: its tensors would keep their random initial
+    values, so strict loading names the first of them; strict=False lists them all."""
+    path = str(tmp_path / "tiny.gguf")
+    dims, _ = _tiny_llama_gguf(path)
+    with pytest.raises(ValueError, match=r"model\.layers\.2\.input_layernorm\.weight: missing "
+                                         r"from the checkpoint \(expected every tensor of the "
+                                         r"model; 9 missing"):
+        load_quantized(_tiny_llama(dims, layers=3), path)
+    model = _tiny_llama(dims, layers=3)
+    summary = load_quantized(model, path, strict=False)
+    assert len(summary.missing) == 9 and all(m.startswith("model.layers.2.")
+                                             for m in summary.missing)
+    assert len(summary.kept_float) == 7                 # layer 2's linears: not in the file
 
 
 def test_unknown_architecture(tmp_path):

@@ -221,7 +221,7 @@ def test_errors():
     assert to_gptq(zero_z, "gptq_v2")["qzeros"].abs().sum() == 0
 
 
-def test_act_order_checkpoint_on_triton_kernel():
+def test_act_order_checkpoint_on_triton_kernel(monkeypatch):
     """An act-order GPTQ layer on the Triton kernel (its CPU interpreter without a GPU): the
     kernel's prepared weight is sorted by group once (act_index = the column permutation,
     groups contiguous), and the product matches the float64 reference."""
@@ -235,8 +235,20 @@ def test_act_order_checkpoint_on_triton_kernel():
     device = "cuda" if torch.cuda.is_available() else "cpu"
     qw = qw.to(device)
     x = random_activation((4, k), torch.float16, device=device)
+    # Every fused family is launched without the permutation (x already gathered, once);
+    # only the dequant family gets it, to gather x into its own buffer outside the kernel.
+    from dqgemm.kernels import triton_dequant, triton_gemm, triton_gemv, triton_splitk
+    launched = []
+    for module in (triton_gemm, triton_gemv, triton_splitk, triton_dequant):
+        def recording(x_, args, *rest, _module=module, _launch=module.launch):
+            launched.append((_module.__name__, args.perm))
+            return _launch(x_, args, *rest)
+        monkeypatch.setattr(module, "launch", recording)
     out = dqgemm.matmul(x, qw, backend="triton")
     assert_close_product(out, x, qw.dequantize())
+    assert len(launched) == 1
+    family, perm = launched[0]
+    assert perm is None or family.endswith("triton_dequant"), launched
     problem = ops.make_problem(x, qw.qdata, qw.scales, qw.zero_points, qw.offsets, qw.g_idx,
                                bits, gs)
     kernel = ops.select_kernel(problem, "triton")

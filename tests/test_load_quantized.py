@@ -168,6 +168,9 @@ def test_state_dict_without_config(fmt):
     model = Tiny(seed=3)
     summary = dqgemm.load_quantized(model, tensors, backend="reference")
     _check_loaded(model, layers, summary)
+    # The summary names the format each layer was read as (not "gptq or awq").
+    assert summary.format == fmt
+    assert all(kind.startswith(f"{fmt} {bits}-bit") for kind in summary.kinds), summary.kinds
 
 
 def test_single_file_and_explicit_format(tmp_path):
@@ -210,6 +213,110 @@ def test_missing_tensor():
     with pytest.raises(ValueError, match=r"block\.down\.qzeros: missing from the checkpoint "
                                          r"\(a gptq layer needs qweight, qzeros, scales\)"):
         dqgemm.load_quantized(Tiny(), tensors)
+
+
+def test_missing_model_tensors():
+    """A model tensor the checkpoint lacks would keep its initial value: strict raises and
+    names it; strict=False loads the rest and lists it in the summary."""
+    tensors, _ = _gptq_tensors()
+    del tensors["embed.weight"]
+    with pytest.raises(ValueError, match=r"embed\.weight: missing from the checkpoint \(expected "
+                                         r"every tensor of the model; 1 missing: embed\.weight\)"):
+        dqgemm.load_quantized(Tiny(), tensors)
+    model = Tiny()
+    summary = dqgemm.load_quantized(model, tensors, strict=False)
+    assert summary.missing == ["embed.weight"]
+    assert "1 model tensors missing" in str(summary)
+    assert "missing (model values kept): embed.weight" in str(summary)
+    assert sorted(summary.loaded) == ["block.down", "block.up"]
+    # The bias of a quantized layer counts too.
+    tensors, _ = _gptq_tensors()
+    del tensors["block.up.bias"]
+    with pytest.raises(ValueError, match=r"block\.up\.bias: missing from the checkpoint"):
+        dqgemm.load_quantized(Tiny(), tensors)
+    # load_other=False: the user keeps the model's other tensors on purpose; nothing checked.
+    assert dqgemm.load_quantized(Tiny(), tensors, load_other=False).missing == []
+
+
+def test_tied_weights_are_not_missing():
+    """A tied output head (one tensor, two names) is provided by the embedding's entry."""
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(64, 128)
+            self.block = nn.Module()
+            self.block.up = nn.Linear(128, 256, bias=True)
+            self.block.down = nn.Linear(256, 128, bias=False)
+            self.head = nn.Linear(128, 64, bias=False)
+            self.head.weight = self.embed.weight
+
+    tensors, _ = _gptq_tensors()
+    for key in ("head.weight", "head.bias"):
+        del tensors[key]
+    tensors["embed.weight"] = torch.randn(64, 128)
+    model = Tied()
+    summary = dqgemm.load_quantized(model, tensors)
+    assert summary.missing == [] and summary.kept_float == ["head"]
+    assert torch.equal(model.head.weight, tensors["embed.weight"])
+
+
+def test_kpack_errors_name_the_layer():
+    tensors, _ = _checkpoint("kpack-v1", _quantized_layers(4, 64, False, act_order=True))
+    bad = dict(tensors, **{"block.up.qdata": tensors["block.up.qdata"][:, :10]})
+    with pytest.raises(ValueError, match=r"block\.up\.qdata: expected columns "
+                                         r"\(ceil\(K\*bits/8\)\) = 64 for 4-bit, 128 for "
+                                         r"8-bit, got 10"):
+        dqgemm.load_quantized(Tiny(), bad)
+    bad = dict(tensors, **{"block.up.scales": tensors["block.up.scales"][:100]})
+    with pytest.raises(ValueError, match=r"block\.up\.scales: expected shape \(256, 2\), "
+                                         r"got \(100, 2\)"):
+        dqgemm.load_quantized(Tiny(), bad)
+    g_idx = tensors["block.up.g_idx"].clone()
+    g_idx[0] = 77
+    bad = dict(tensors, **{"block.up.g_idx": g_idx})
+    with pytest.raises(ValueError, match=r"block\.up\.g_idx: expected values in \[0, 1\] "
+                                         r"\(2 groups\), got range \[0, 77\]"):
+        dqgemm.load_quantized(Tiny(), bad)
+
+
+def test_groups_not_dividing_in_features():
+    tensors, _ = _gptq_tensors()
+    tensors["block.up.scales"] = tensors["block.up.scales"][:3]
+    with pytest.raises(ValueError, match=r"block\.up\.scales: expected a number of groups that "
+                                         r"divides in_features=128, got 3"):
+        dqgemm.load_quantized(Tiny(), tensors)
+
+
+def test_compressed_tensors_bits_mismatch_with_config(tmp_path):
+    tensors, config = _checkpoint("compressed-tensors", _quantized_layers(4, 64, False))
+    config["config_groups"]["group_0"]["weights"]["num_bits"] = 8
+    folder = _write_folder(tmp_path, tensors, config, shards=1)
+    with pytest.raises(ValueError, match=r"block\.up\.weight_packed: expected shape \(256, 32\) "
+                                         r".*num_bits=8\), got \(256, 16\)"):
+        dqgemm.load_quantized(Tiny(), folder)
+
+
+def test_tensor_the_config_requires_is_missing(tmp_path):
+    """Without these, the layer would silently be read as symmetric / without act-order."""
+    tensors, config = _checkpoint("gptq", _quantized_layers(4, 32, False, act_order=True))
+    del tensors["block.up.g_idx"]
+    (tmp_path / "gptq").mkdir()
+    folder = _write_folder(tmp_path / "gptq", tensors, config, shards=1)
+    with pytest.raises(ValueError, match=r"block\.up\.g_idx: missing from the checkpoint "
+                                         r"\(expected because the config has desc_act=true\)"):
+        dqgemm.load_quantized(Tiny(), folder)
+    tensors, config = _checkpoint("compressed-tensors",
+                                  _quantized_layers(4, 64, False, act_order=True))
+    assert config["config_groups"]["group_0"]["weights"]["actorder"] == "group"
+    for field, why in (("weight_zero_point", "symmetric=false"),
+                       ("weight_g_idx", "actorder='group'")):
+        bad = {k: v for k, v in tensors.items() if k != f"block.down.{field}"}
+        (tmp_path / field).mkdir()
+        folder = _write_folder(tmp_path / field, bad, config, shards=1)
+        with pytest.raises(ValueError, match=rf"block\.down\.{field}: missing from the "
+                                             rf"checkpoint \(expected because the scheme has "
+                                             rf"{why}\)"):
+            dqgemm.load_quantized(Tiny(), folder)
 
 
 def test_layer_not_in_model():

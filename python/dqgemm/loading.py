@@ -8,7 +8,9 @@ config). Every nn.Linear whose quantized tensors are in the checkpoint is replac
 by a QuantLinear holding the weight converted exactly into kpack-v1 (dqgemm.formats); the
 checkpoint's other tensors that name a parameter or buffer of the model (norms, embeddings,
 biases) are copied into it. Layers the checkpoint leaves in float (e.g. lm_head) stay
-nn.Linear and are listed in the summary.
+nn.Linear and are listed in the summary. A tensor of the model that the checkpoint does not
+provide (a missing norm weight, bias or embedding, which would silently keep its initial
+value) is an error with strict=True and is listed in the summary with strict=False.
 
 Sources:
   - a state dict {name: tensor};
@@ -36,7 +38,7 @@ import json
 import os
 import re
 from collections import Counter
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Set, Tuple
 
 import torch
 from torch import nn
@@ -75,6 +77,7 @@ class LoadSummary:
     other_tensors: List[str] = dataclasses.field(default_factory=list)    # float tensors copied
     kept_float: List[str] = dataclasses.field(default_factory=list)       # Linears not in ckpt
     unused: List[str] = dataclasses.field(default_factory=list)           # ckpt tensors unused
+    missing: List[str] = dataclasses.field(default_factory=list)          # model tensors absent
     notes: List[str] = dataclasses.field(default_factory=list)
     bytes_quantized: int = 0
 
@@ -83,7 +86,8 @@ class LoadSummary:
                  f"QuantLinear ({self.bytes_quantized / 2**20:.2f} MiB of quantized tensors), "
                  f"{len(self.other_tensors)} other tensors copied, "
                  f"{len(self.kept_float)} linear layers kept in float, "
-                 f"{len(self.unused)} checkpoint tensors unused"]
+                 f"{len(self.unused)} checkpoint tensors unused"
+                 + (f", {len(self.missing)} model tensors missing" if self.missing else "")]
         for kind, count in sorted(self.kinds.items()):
             lines.append(f"  {count:5d} x {kind}")
         if self.kept_float:
@@ -92,6 +96,9 @@ class LoadSummary:
         if self.unused:
             lines.append(f"  unused: {', '.join(self.unused[:8])}"
                          + (" ..." if len(self.unused) > 8 else ""))
+        if self.missing:
+            lines.append(f"  missing (model values kept): {', '.join(self.missing[:8])}"
+                         + (" ..." if len(self.missing) > 8 else ""))
         lines.extend(f"  note: {note}" for note in self.notes)
         return "\n".join(lines)
 
@@ -183,6 +190,7 @@ class _Scheme:
     group_size: Optional[int] = None
     ignore: Tuple[str, ...] = ()     # compressed-tensors "ignore" list
     groups: Tuple[Tuple[Tuple[str, ...], Dict[str, Any]], ...] = ()  # c-t (targets, args)
+    act_order: bool = False          # GPTQ desc_act: every layer must have its g_idx
 
 
 def _scheme_from_config(config: Dict[str, Any], format: str) -> Optional[_Scheme]:
@@ -194,7 +202,8 @@ def _scheme_from_config(config: Dict[str, Any], format: str) -> Optional[_Scheme
         if ckpt not in ("gptq", "gptq_v2"):
             raise ValueError(f"quantization_config['checkpoint_format']: expected 'gptq' or "
                              f"'gptq_v2', got {ckpt!r}")
-        return _Scheme("gptq", ckpt, config.get("bits"), config.get("group_size"))
+        return _Scheme("gptq", ckpt, config.get("bits"), config.get("group_size"),
+                       act_order=bool(config.get("desc_act")))
     if format == "awq" or (format == "auto" and method == "awq"):
         version = str(config.get("version", "gemm")).lower()
         if version != "gemm":
@@ -268,7 +277,8 @@ def _infer_group_size(groups: int, in_features: int, name: str) -> int:
     if groups == 1:
         return -1
     if groups <= 0 or in_features % groups:
-        raise ValueError(f"{name}: {groups} groups do not divide in_features={in_features}")
+        raise ValueError(f"{name}: expected a number of groups that divides "
+                         f"in_features={in_features}, got {groups}")
     return in_features // groups
 
 
@@ -292,65 +302,106 @@ def _optional(tensors: Mapping, prefix: str, fields: Iterable[str]) -> Dict[str,
             if tensor_name(prefix, f) in tensors}
 
 
-def _import_layer(scheme: _Scheme, tensors: Mapping, name: str, linear: nn.Linear
-                  ) -> Tuple[QuantizedWeight, List[str]]:
-    """-> (QuantizedWeight, checkpoint keys consumed)."""
-    n, k = linear.out_features, linear.in_features
-    fmt = scheme.format
-    if fmt == "gptq_or_awq":
-        qweight = tensors[tensor_name(name, "qweight")]
-        fmt = "awq" if tuple(qweight.shape) == (k, n // 8) else "gptq"
-    _, needed = _LAYOUT[fmt]
-    got = _require(tensors, name, needed, fmt)
-    got.update(_optional(tensors, name, _OPTIONAL[fmt]))
-    used = [tensor_name(name, f) for f in got]
-    if fmt == "gptq":
-        qw_rows = got["qweight"].shape[0] if got["qweight"].dim() == 2 else -1
-        bits = scheme.bits or _infer_bits(qw_rows, {4: k // 8, 8: k // 4},
-                                          tensor_name(name, "qweight"), "rows (K*bits/32)")
-        gs = scheme.group_size
-        if gs is None:
-            gs = _infer_group_size(got["scales"].shape[0], k, tensor_name(name, "scales"))
-        qw = from_gptq(got["qweight"], got["qzeros"], got["scales"], got.get("g_idx"), bits=bits,
-                       group_size=gs, checkpoint_format=scheme.checkpoint_format, name=name,
-                       in_features=k, out_features=n)
-    elif fmt == "awq":
-        gs = scheme.group_size
-        if gs is None:
-            gs = _infer_group_size(got["scales"].shape[0], k, tensor_name(name, "scales"))
-        qw = from_awq(got["qweight"], got["qzeros"], got["scales"], group_size=gs,
-                      bits=scheme.bits or 4, name=name, in_features=k, out_features=n)
-    elif fmt == "compressed-tensors":
-        args = _ct_args(scheme, name) or {}
-        packed = got["weight_packed"]
-        cols = packed.shape[1] if packed.dim() == 2 else -1
-        bits = args.get("num_bits") or _infer_bits(
-            cols, {4: -(-k // 8), 8: -(-k // 4)}, tensor_name(name, "weight_packed"),
-            "columns (ceil(K*bits/32))")
-        shape = got.get("weight_shape", torch.tensor([n, k]))
-        if isinstance(shape, torch.Tensor):
-            shape = shape.tolist()
-        if tuple(int(v) for v in shape) != (n, k):
-            raise ValueError(f"{tensor_name(name, 'weight_shape')}: expected ({n}, {k}) (the "
-                             f"model's Linear), got {tuple(shape)}")
-        gs = args.get("group_size")
-        if args.get("strategy") == "channel":
-            gs = -1
-        qw = from_compressed_tensors(packed, got["weight_scale"], (n, k), bits, gs,
-                                     got.get("weight_zero_point"), got.get("weight_g_idx"),
-                                     name=name)
-    else:  # kpack-v1
-        qdata = got["qdata"]
-        bits = 4 if qdata.shape[-1] == (k + 1) // 2 else 8
-        gs = _infer_group_size(got["scales"].shape[-1], k, tensor_name(name, "scales"))
-        qw = QuantizedWeight(qdata=qdata, scales=got["scales"], bits=bits, group_size=gs,
+def _require_if(got: Dict[str, Any], name: str, field: str, needed: bool, why: str) -> None:
+    """A tensor the config makes necessary (reading the layer without it would be wrong)."""
+    if needed and field not in got:
+        raise ValueError(f"{tensor_name(name, field)}: missing from the checkpoint (expected "
+                         f"because {why})")
+
+
+def _gptq_layer(scheme: _Scheme, got: Dict[str, Any], name: str, n: int, k: int
+                ) -> QuantizedWeight:
+    _require_if(got, name, "g_idx", scheme.act_order, "the config has desc_act=true")
+    qw_rows = got["qweight"].shape[0] if got["qweight"].dim() == 2 else -1
+    bits = scheme.bits or _infer_bits(qw_rows, {4: k // 8, 8: k // 4},
+                                      tensor_name(name, "qweight"), "rows (K*bits/32)")
+    gs = scheme.group_size
+    if gs is None:
+        gs = _infer_group_size(got["scales"].shape[0], k, tensor_name(name, "scales"))
+    return from_gptq(got["qweight"], got["qzeros"], got["scales"], got.get("g_idx"), bits=bits,
+                     group_size=gs, checkpoint_format=scheme.checkpoint_format, name=name,
+                     in_features=k, out_features=n)
+
+
+def _awq_layer(scheme: _Scheme, got: Dict[str, Any], name: str, n: int, k: int
+               ) -> QuantizedWeight:
+    gs = scheme.group_size
+    if gs is None:
+        gs = _infer_group_size(got["scales"].shape[0], k, tensor_name(name, "scales"))
+    return from_awq(got["qweight"], got["qzeros"], got["scales"], group_size=gs,
+                    bits=scheme.bits or 4, name=name, in_features=k, out_features=n)
+
+
+def _ct_layer(scheme: _Scheme, got: Dict[str, Any], name: str, n: int, k: int
+              ) -> QuantizedWeight:
+    args = _ct_args(scheme, name) or {}
+    _require_if(got, name, "weight_zero_point", args.get("symmetric") is False,
+                "the scheme has symmetric=false")
+    _require_if(got, name, "weight_g_idx", args.get("actorder") in ("group", "dynamic"),
+                f"the scheme has actorder={args.get('actorder')!r}")
+    packed = got["weight_packed"]
+    cols = packed.shape[1] if packed.dim() == 2 else -1
+    bits = args.get("num_bits") or _infer_bits(
+        cols, {4: -(-k // 8), 8: -(-k // 4)}, tensor_name(name, "weight_packed"),
+        "columns (ceil(K*bits/32))")
+    shape = got.get("weight_shape", torch.tensor([n, k]))
+    if isinstance(shape, torch.Tensor):
+        shape = shape.tolist()
+    if tuple(int(v) for v in shape) != (n, k):
+        raise ValueError(f"{tensor_name(name, 'weight_shape')}: expected ({n}, {k}) (the "
+                         f"model's Linear), got {tuple(shape)}")
+    gs = -1 if args.get("strategy") == "channel" else args.get("group_size")
+    return from_compressed_tensors(packed, got["weight_scale"], (n, k), bits, gs,
+                                   got.get("weight_zero_point"), got.get("weight_g_idx"),
+                                   name=name)
+
+
+def _kpack_layer(scheme: _Scheme, got: Dict[str, Any], name: str, n: int, k: int
+                 ) -> QuantizedWeight:
+    """dqgemm's own QuantLinear tensors; QuantizedWeight's errors get the layer's name."""
+    del scheme, n
+    qdata, scales = got["qdata"], got["scales"]
+    cols = qdata.shape[-1] if qdata.dim() == 2 else -1
+    bits = _infer_bits(cols, {4: (k + 1) // 2, 8: k}, tensor_name(name, "qdata"),
+                       "columns (ceil(K*bits/8))")
+    gs = _infer_group_size(scales.shape[-1] if scales.dim() == 2 else -1, k,
+                           tensor_name(name, "scales"))
+    try:
+        qw = QuantizedWeight(qdata=qdata, scales=scales, bits=bits, group_size=gs,
                              in_features=k, zero_points=got.get("zero_points"),
                              offsets=got.get("offsets"), g_idx=got.get("g_idx"))
         qw.check_g_idx_range()
+    except (ValueError, TypeError) as err:      # messages start with the field's name
+        raise type(err)(tensor_name(name, str(err))) from None
+    return qw
+
+
+_IMPORTERS = {"gptq": _gptq_layer, "awq": _awq_layer, "compressed-tensors": _ct_layer,
+              FORMAT_NAME: _kpack_layer}
+
+
+def _layer_format(scheme: _Scheme, tensors: Mapping, name: str, linear: nn.Linear) -> str:
+    """The layer's format; without a config GPTQ and AWQ are told apart by qweight's shape."""
+    if scheme.format != "gptq_or_awq":
+        return scheme.format
+    qweight = tensors[tensor_name(name, "qweight")]
+    awq_shape = (linear.in_features, linear.out_features // 8)
+    return "awq" if tuple(qweight.shape) == awq_shape else "gptq"
+
+
+def _import_layer(scheme: _Scheme, tensors: Mapping, name: str, linear: nn.Linear
+                  ) -> Tuple[QuantizedWeight, List[str], str]:
+    """-> (QuantizedWeight, checkpoint keys consumed, the layer's format)."""
+    n, k = linear.out_features, linear.in_features
+    fmt = _layer_format(scheme, tensors, name, linear)
+    _, needed = _LAYOUT[fmt]
+    got = _require(tensors, name, needed, fmt)
+    got.update(_optional(tensors, name, _OPTIONAL[fmt]))
+    qw = _IMPORTERS[fmt](scheme, got, name, n, k)
     if qw.out_features != n or qw.in_features != k:
-        raise ValueError(f"{name}: checkpoint weight has shape {qw.shape}, expected ({n}, {k}) "
-                         f"(the model's Linear)")
-    return qw, used
+        raise ValueError(f"{name}: expected a weight of shape ({n}, {k}) (the model's Linear), "
+                         f"got {qw.shape} from the checkpoint")
+    return qw, [tensor_name(name, f) for f in got], fmt
 
 
 def _kind(qw: QuantizedWeight, fmt: str) -> str:
@@ -423,27 +474,63 @@ def load_quantized(model: nn.Module, source, format: str = "auto", *, backend: s
         format: one of FORMATS ("auto" reads the config, else the tensor names).
         backend: the QuantLinear backend ("auto", "reference", "triton", "cuda").
         load_other: also copy the checkpoint's float tensors that name model tensors.
-        strict: raise when the checkpoint has a quantized layer the model has no Linear for.
+        strict: raise when the checkpoint has a quantized layer the model has no Linear
+            for, or (with load_other) lacks a tensor of the model; strict=False lists the
+            missing ones in ``summary.missing`` and leaves their values as they were.
         verbose: print the summary.
+
+    The model is modified in place as far as loading got when an error is raised.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     if format not in FORMATS:
         raise ValueError(f"format: expected one of {FORMATS}, got {format!r}")
     kind, opened, config = _open_source(source)
+    groups = _tensor_groups(model)
     if kind == "gguf" or format == "gguf":
         if kind != "gguf":
             raise ValueError("format: 'gguf' needs a .gguf file or a GGUFReader as source")
-        summary = _load_gguf(model, opened, backend, load_other, strict)
+        summary, provided = _load_gguf(model, opened, backend, load_other, strict)
     else:
-        summary = _load_tensors(model, opened, config, format, backend, load_other, strict)
+        summary, provided = _load_tensors(model, opened, config, format, backend, load_other,
+                                          strict)
+    if load_other:
+        summary.missing = _missing(groups, provided, model)
+        if strict:
+            _raise_if_missing(summary.missing)
     if verbose:
         print(summary)
     return summary
 
 
+def _tensor_groups(model: nn.Module) -> List[List[str]]:
+    """The model's state-dict names, grouped by tensor (tied weights share one group)."""
+    groups: Dict[int, List[str]] = {}
+    for key, value in model.state_dict(keep_vars=True).items():
+        groups.setdefault(id(value), []).append(key)
+    return list(groups.values())
+
+
+def _missing(groups: List[List[str]], provided: Set[str], model: nn.Module) -> List[str]:
+    """Model tensors the checkpoint did not provide: a group (see _tensor_groups) none of
+    whose names was loaded, and any tensor still on the meta device after loading."""
+    missing = {names[0] for names in groups if not provided.intersection(names)}
+    missing.update(key for key, value in model.state_dict(keep_vars=True).items()
+                   if value.is_meta)
+    return sorted(missing)
+
+
+def _raise_if_missing(missing: List[str]) -> None:
+    if missing:
+        listing = ", ".join(missing[:4]) + (" ..." if len(missing) > 4 else "")
+        raise ValueError(f"{missing[0]}: missing from the checkpoint (expected every tensor of "
+                         f"the model; {len(missing)} missing: {listing}); pass strict=False to "
+                         f"keep the model's own values for them")
+
+
 def _load_tensors(model, tensors: Mapping, config, format, backend, load_other, strict
-                  ) -> LoadSummary:
+                  ) -> Tuple[LoadSummary, Set[str]]:
+    """-> (summary, the model tensor names the checkpoint provided)."""
     scheme = _scheme_from_config(config, format) if config else None
     if scheme is None:
         scheme = _scheme_from_names(tensors, format)
@@ -453,7 +540,7 @@ def _load_tensors(model, tensors: Mapping, config, format, backend, load_other, 
         summary.notes.append("no quantization config: GPTQ layers read as v1 ('gptq'); pass "
                              "format='gptq_v2' for v2 checkpoints")
     keys = set(tensors.keys())
-    used = set()
+    used, provided, formats = set(), set(), set()
     quantized_prefixes = {key.rpartition(".")[0] for key in keys
                           if key.rpartition(".")[2] in _MARKERS}
     linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
@@ -468,7 +555,9 @@ def _load_tensors(model, tensors: Mapping, config, format, backend, load_other, 
         if name not in quantized_prefixes:
             summary.kept_float.append(name)
             continue
-        qw, consumed = _import_layer(scheme, tensors, name, linear)
+        qw, consumed, fmt = _import_layer(scheme, tensors, name, linear)
+        label = scheme.checkpoint_format if fmt == "gptq" else fmt
+        formats.add(label)
         bias_key = tensor_name(name, "bias")
         bias = _bias_for(linear, tensors[bias_key] if bias_key in keys else None, name)
         if bias is not None:
@@ -476,15 +565,21 @@ def _load_tensors(model, tensors: Mapping, config, format, backend, load_other, 
         layer = QuantLinear.from_quantized(_placed(qw, linear), bias, backend=backend)
         _replace(model, name, layer)
         used.update(consumed)
+        provided.add(tensor_name(name, "weight"))
+        if bias_key in keys:
+            provided.add(bias_key)
         summary.loaded.append(name)
-        summary.kinds[_kind(qw, summary.format)] += 1
+        summary.kinds[_kind(qw, label)] += 1
         summary.bytes_quantized += qw.nbytes
+    if scheme.format == "gptq_or_awq" and formats:
+        summary.format = "+".join(sorted(formats))
     for key in sorted(keys - used):
         if load_other and _copy_into(model, key, tensors[key]):
             summary.other_tensors.append(key)
+            provided.add(key)
         else:
             summary.unused.append(key)
-    return summary
+    return summary, provided
 
 
 # ----------------------------------------------------------------------------------------
@@ -545,7 +640,8 @@ def permute_rows(qw: QuantizedWeight, perm: torch.Tensor) -> QuantizedWeight:
                       zero_points=take(qw.zero_points), offsets=take(qw.offsets))
 
 
-def _load_gguf(model, reader, backend, load_other, strict) -> LoadSummary:
+def _load_gguf(model, reader, backend, load_other, strict) -> Tuple[LoadSummary, Set[str]]:
+    """-> (summary, the model tensor names (transformers') the file provided)."""
     arch = _gguf_field(reader, "general.architecture")
     if arch != "llama":
         raise ValueError(f"general.architecture: load_quantized maps GGUF tensor names for "
@@ -626,7 +722,8 @@ def _load_gguf(model, reader, backend, load_other, strict) -> LoadSummary:
             summary.bytes_quantized += qw.nbytes
             summary.notes.append("lm_head tied to token_embd: loaded from token_embd.weight")
     summary.kept_float = [n for n, m in model.named_modules() if type(m) is nn.Linear]
-    return summary
+    provided = {tensor_name(n, "weight") for n in summary.loaded} | set(summary.other_tensors)
+    return summary, provided
 
 
 def _check_linear_shape(module: nn.Linear, qw: QuantizedWeight, name: str) -> None:

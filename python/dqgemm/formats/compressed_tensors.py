@@ -85,7 +85,8 @@ def from_compressed_tensors(weight_packed, weight_scale, weight_shape, num_bits:
     groups = scale.shape[1]
     if group_size is None:
         if k % groups:
-            raise ValueError(f"{s_name}: {groups} groups do not divide in_features={k}")
+            raise ValueError(f"{s_name}: expected a number of groups (columns) that divides "
+                             f"in_features={k}, got {groups}")
         group_size = k // groups
     else:
         expected_groups = 1 if group_size in (-1, k) else -(-k // group_size)
