@@ -20,10 +20,14 @@
 #
 # Time on an H100 with the defaults: build ~25 s, tests <= TEST_TIMEOUT, layer bench ~100 s,
 # decode ~45 s: about 5 minutes.
+# Optional steps before the tests: DECODE_QUICK=1 runs bench/cuda_decode_quick.py (cuda_decode
+# correctness of every configuration, then key timings; decode_quick.json; if it fails, the
+# benchmark and the decode run are skipped), NCU=1 profiles
+# cuda_decode with Nsight Compute (bench/cuda_decode_ncu.py; ncu.txt).
 # Knobs (environment): BENCH_ARGS (default below), E2E_MODEL (llama3-8b), E2E_ARGS,
 # E2E_BACKENDS (default: every usable backend but reference), TEST_TIMEOUT (150),
 # TEST_PATHS (tests), BENCH_TIMEOUT / E2E_TIMEOUT (seconds per process, 0 = none),
-# SKIP_TESTS=1, SKIP_E2E=1, SKIP_BUILD=1, PYTHON (python3).
+# SKIP_TESTS=1, SKIP_BENCH=1, SKIP_E2E=1, SKIP_BUILD=1, PYTHON (python3).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${1:-${OUT:-bench/out}}
@@ -73,11 +77,32 @@ fi
 stamp "build: $BUILD"
 $PY -m dqgemm info >> "$LOG" 2>&1 || stamp "dqgemm info failed"
 
+if [ "${DECODE_QUICK:-0}" = "1" ]; then
+  stamp "decode quick: python bench/cuda_decode_quick.py"
+  timeout 240 $PY bench/cuda_decode_quick.py "$OUT_DIR/decode_quick.json" >> "$LOG" 2>&1
+  QUICK_RC=$?
+  stamp "decode quick: rc=$QUICK_RC"
+  if [ $QUICK_RC -ne 0 ]; then
+    # a wrong kernel is not worth timing: keep the device minutes for the tests
+    stamp "decode quick failed: skipping the benchmark and the decode run"
+    grep -E "checks:|Error|error" "$LOG" | tail -5
+    SKIP_BENCH=1 SKIP_E2E=1
+  fi
+fi
+if [ "${NCU:-0}" = "1" ]; then
+  stamp "ncu: bench/cuda_decode_ncu.py"
+  timeout 180 ncu --clock-control none --kernel-name regex:decode_gemm --launch-skip 2 \
+    --launch-count 2 --section SpeedOfLight --section Occupancy --section WarpStateStats \
+    --section MemoryWorkloadAnalysis --section SchedulerStats --section LaunchStats \
+    $PY bench/cuda_decode_ncu.py > "$OUT_DIR/ncu.txt" 2>&1
+  stamp "ncu: rc=$?"
+fi
+
 TESTS="skipped"
 if [ "${SKIP_TESTS:-0}" != "1" ]; then
   stamp "tests: pytest -q $TEST_PATHS (timeout ${TEST_TIMEOUT}s)"
   # shellcheck disable=SC2086
-  timeout "$TEST_TIMEOUT" $PY -m pytest -q -p no:cacheprovider $TEST_PATHS >> "$LOG" 2>&1
+  timeout "$TEST_TIMEOUT" $PY -m pytest -q -p no:cacheprovider ${PYTEST_ARGS:-} $TEST_PATHS >> "$LOG" 2>&1
   rc=$?
   TESTS=$(grep -E "(passed|failed|error)" "$LOG" | tail -1)
   [ $rc -eq 124 ] && TESTS="TIMED OUT after ${TEST_TIMEOUT}s (last: ${TESTS:-none})"
@@ -88,8 +113,11 @@ fi
 # A CUDA error that breaks the context (illegal address) ends a process; the run then
 # resumes in a fresh one without the backend that broke it (runner.py, --resume).
 RESUME=""
+BENCH_RC="skipped"
 : > "$OUT_DIR/bench.log"
-for attempt in 1 2 3 4; do
+ATTEMPTS="1 2 3 4"
+[ "${SKIP_BENCH:-0}" = "1" ] && ATTEMPTS=""
+for attempt in $ATTEMPTS; do
   stamp "bench: python -m dqgemm bench $BENCH_ARGS $RESUME"
   # shellcheck disable=SC2086
   timeout "$BENCH_TIMEOUT" $PY -m dqgemm bench $BENCH_ARGS --json "$JSON" --plot "$PNG" --table full $RESUME \

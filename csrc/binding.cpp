@@ -114,8 +114,8 @@ PYBIND11_MODULE(_C, m) {
         "Decode GEMM (M <= 64) on a cuda_decode-packed weight; see csrc/decode_gemm.cuh.");
   m.def("decode_gemm_m_tile", &dqgemm::decode_gemm_m_tile, py::arg("m"),
         "Token tile (8/16/32/64) the decode GEMM uses for M (0 if M is out of range).");
-  m.def("decode_gemm_stage_k", &dqgemm::decode_gemm_stage_k, py::arg("m"),
-        "k per pipeline stage of the decode GEMM configuration used for M.");
+  m.def("decode_gemm_stage_k", &dqgemm::decode_gemm_stage_k, py::arg("m"), py::arg("bits"),
+        "k per pipeline stage of the decode GEMM configuration used for M and bits.");
   m.def("runtime_version", &runtime_version, "CUDA runtime version this module links.");
   m.def("device_count", &device_count, "Visible CUDA devices (raises if the driver fails).");
 }

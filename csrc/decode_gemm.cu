@@ -3,10 +3,20 @@
 // What it computes, the packed layouts, tiles and the deterministic stream-K partition are
 // described in decode_gemm.cuh. This file picks one configuration per token tile:
 //
-//   M <= 8 : 8 warps, 1 slice of 16 channels each, 1 token tile,  BK = 128, 8 stages (4 at 8-bit)
-//   M <= 16: 8 warps, 1 slice each,               2 token tiles, BK = 128, 6 stages (4 at 8-bit)
+//   M <= 8 : 8 warps, 1 slice of 16 channels each, 1 token tile,  4 stages of BK = 256 (4-bit)
+//            or 128 (8-bit): 16 KB of weights per stage
+//   M <= 16: 8 warps, 1 slice each,               2 token tiles, 3 stages of 16 KB likewise
 //   M <= 32: 4 warps, 2 slices each,              4 token tiles, BK = 128, 4 stages
 //   M <= 64: 2 warps, 4 slices each,              8 token tiles, BK = 64,  4 stages
+//
+// Why 16 KB stages at M <= 16: the kernel is bound by instruction issue and latency, not by
+// bytes in flight (ncu on the H200, bench/results/NOTES.md: 0.53 issued warps per scheduler
+// and cycle, 35% of DRAM peak at 8 KB stages). Every stage pays a fixed cost (barrier, wait,
+// address arithmetic, activation and parameter copies) that a larger stage amortizes.
+// Symmetric and zero-point weights use the folded-scale kernels (kFold: exact q - z
+// fragments, the scale applied per group to fp32 accumulators; one fma per pair of codes
+// fewer); offset weights (w = q * s + o) the unfolded ones. M <= 64 has no room for the
+// second accumulator set and is never folded.
 //
 // Why fewer warps per block as M grows: every warp reads the activation fragments of its
 // k step from shared memory, so the shared-memory traffic per weight byte grows with
@@ -26,9 +36,9 @@ namespace {
 
 using decode::Config;
 
-template <typename T, typename Cfg>
-cudaError_t launch_config(const DecodeGemmParams& p) {
-  auto kernel = decode::decode_gemm_kernel<T, Cfg>;
+template <typename T, typename Cfg, bool kFold>
+cudaError_t launch_kernel(const DecodeGemmParams& p) {
+  auto kernel = decode::decode_gemm_kernel<T, Cfg, kFold>;
   // The dynamic shared-memory limit (static + dynamic must fit without it: 48 KB) and the
   // carveout (all of L1/shared as shared, so several blocks fit per SM) are per function
   // and device; setting them is cheap and involves no host sync, so it happens on every
@@ -43,12 +53,20 @@ cudaError_t launch_config(const DecodeGemmParams& p) {
   return cudaGetLastError();
 }
 
+template <typename T, typename Cfg>
+cudaError_t launch_config(const DecodeGemmParams& p) {
+  if constexpr (Cfg::kCanFold) {
+    if (p.zero_mode != ZeroMode::kOffset) return launch_kernel<T, Cfg, true>(p);
+  }
+  return launch_kernel<T, Cfg, false>(p);
+}
+
 template <typename T, int BITS>
 cudaError_t launch_tile(const DecodeGemmParams& p) {
   switch (decode_gemm_m_tile(p.m)) {
-    // Deeper pipelines where the stage is small (4-bit): more bytes in flight per SM.
-    case 8: return launch_config<T, Config<BITS, 1, 1, 128, BITS == 4 ? 8 : 4>>(p);
-    case 16: return launch_config<T, Config<BITS, 2, 1, 128, BITS == 4 ? 6 : 4>>(p);
+    // 16 KB of weights per stage at M <= 16 (BK = 256 at 4-bit, 128 at 8-bit).
+    case 8: return launch_config<T, Config<BITS, 1, 1, BITS == 4 ? 256 : 128, 4>>(p);
+    case 16: return launch_config<T, Config<BITS, 2, 1, BITS == 4 ? 256 : 128, BITS == 4 ? 3 : 4>>(p);
     case 32: return launch_config<T, Config<BITS, 4, 2, 128, 4>>(p);
     case 64: return launch_config<T, Config<BITS, 8, 4, 64, 4>>(p);
     default: return cudaErrorInvalidValue;
@@ -67,11 +85,14 @@ int decode_gemm_m_tile(int64_t m) {
   return m <= 8 ? 8 : m <= 16 ? 16 : m <= 32 ? 32 : 64;
 }
 
-int decode_gemm_stage_k(int64_t m) { return decode_gemm_m_tile(m) == 64 ? 64 : 128; }
+int decode_gemm_stage_k(int64_t m, int bits) {
+  const int tile = decode_gemm_m_tile(m);
+  return tile == 64 ? 64 : (tile <= 16 && bits == 4) ? 256 : 128;
+}
 
 cudaError_t launch_decode_gemm(const DecodeGemmParams& p) {
   if (p.m == 0 || p.n == 0) return cudaSuccess;
-  const int bk = decode_gemm_stage_k(p.m);
+  const int bk = decode_gemm_stage_k(p.m, p.bits);
   const bool gs_ok = (p.group_size_log2 >= 5 && p.group_size_log2 <= 8) ||
                      p.group_size_log2 == 30;
   if (decode_gemm_m_tile(p.m) == 0 || (p.bits != 4 && p.bits != 8) || !gs_ok ||
@@ -82,7 +103,7 @@ cudaError_t launch_decode_gemm(const DecodeGemmParams& p) {
       (p.zero_mode != ZeroMode::kSymmetric && p.zo == nullptr)) {
     return cudaErrorInvalidValue;
   }
-  const int64_t units = (p.n_pad / 128) * (p.k_pad / bk);
+  const int64_t units = (p.n_pad / 128) * ((p.k_pad + bk - 1) / bk);
   if (p.grid <= 0 || p.grid > units || p.grid > 0x7FFFFFFF) return cudaErrorInvalidValue;
   switch (p.dtype) {
     case DType::kFloat16: return launch_bits<__half>(p);

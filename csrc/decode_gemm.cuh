@@ -55,6 +55,7 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "dqgemm.h"
 
@@ -209,11 +210,19 @@ struct GroupRegs {
   uint32_t s_lo, s_hi;    // scale pairs of rows r and r+8
   uint32_t nz_lo, nz_hi;  // -(magic + z) for rows r and r+8 (fp16 4-bit: row r+8 uses -(64+z))
   uint32_t o_lo, o_hi;    // offsets (0 unless offset mode)
+  float fs_lo, fs_hi;     // the scales of rows r and r+8 in fp32 (folded-scale kernels)
 };
 
 struct GroupRegsF32 {     // 8-bit bf16 path works in fp32
   float s_lo, s_hi, nz_lo, nz_hi, o_lo, o_hi;
 };
+
+// The 16-bit value held in the low bits of w, as T.
+template <typename T>
+__device__ __forceinline__ T bits_to(uint32_t w) {
+  const uint16_t b = static_cast<uint16_t>(w);
+  return *reinterpret_cast<const T*>(&b);
+}
 
 // Broadcast the low / high 16-bit half of w into both halves.
 __device__ __forceinline__ uint32_t lo_pair(uint32_t w) { return prmt(w, w, 0x1010); }
@@ -226,6 +235,8 @@ __device__ __forceinline__ void load_group(GroupRegs& g, uint32_t s_addr, uint32
   const uint32_t sw = lds32(s_addr);
   g.s_lo = lo_pair(sw);
   g.s_hi = hi_pair(sw);
+  g.fs_lo = P::to_float(bits_to<T>(sw & 0xFFFFu));
+  g.fs_hi = P::to_float(bits_to<T>(sw >> 16));
   // magic for the pair that sits at the low nibble / byte
   const uint32_t neg_magic = P::fma(P::kMagic, P::kNegOne, 0u);
   constexpr bool kF16Int4 = BITS == 4 && sizeof(T) == 2 && P::kMagic == 0x64006400u;
@@ -280,12 +291,24 @@ __device__ __forceinline__ void load_group_f32(GroupRegsF32& g, uint32_t s_addr,
 // Dequantization of one 16x16 A fragment (4 registers a0..a3, see the layout above).
 // ---------------------------------------------------------------------------------------
 
-template <typename T>
-__device__ __forceinline__ void dequant_int4(uint32_t q, const GroupRegs& g, uint32_t (&a)[4]);
+// kScale = false (the folded-scale kernels): the fragment holds the exact integers q - z
+// (|q - z| <= 255 is exact in fp16 and bf16) and the scale is applied later, in fp32, to
+// the per-group accumulators: one fma per pair instead of two.
+// (x * mul + nz) then, with kScale, (* s + o).
+template <typename P, bool kScale>
+__device__ __forceinline__ uint32_t finish_pair(uint32_t x, uint32_t mul, uint32_t nz,
+                                                uint32_t s, uint32_t o) {
+  const uint32_t d = P::fma(x, mul, nz);
+  if constexpr (kScale) {
+    return P::fma(d, s, o);
+  } else {
+    return d;
+  }
+}
 
-template <>
-__device__ __forceinline__ void dequant_int4<__half>(uint32_t q, const GroupRegs& g,
-                                                     uint32_t (&a)[4]) {
+template <bool kScale>
+__device__ __forceinline__ void dequant_int4_f16(uint32_t q, const GroupRegs& g,
+                                                 uint32_t (&a)[4]) {
   using P = Pair<__half>;
   constexpr uint32_t kSixteenth = 0x2C002C00u;  // 1/16
   const uint32_t q8 = q >> 8;
@@ -293,15 +316,15 @@ __device__ __forceinline__ void dequant_int4<__half>(uint32_t q, const GroupRegs
   const uint32_t x1 = lop3_and_or(q, 0x00F000F0u, P::kMagic);
   const uint32_t x2 = lop3_and_or(q8, 0x000F000Fu, P::kMagic);
   const uint32_t x3 = lop3_and_or(q8, 0x00F000F0u, P::kMagic);
-  a[0] = P::fma(P::fma(x0, P::kOne, g.nz_lo), g.s_lo, g.o_lo);
-  a[1] = P::fma(P::fma(x1, kSixteenth, g.nz_hi), g.s_hi, g.o_hi);
-  a[2] = P::fma(P::fma(x2, P::kOne, g.nz_lo), g.s_lo, g.o_lo);
-  a[3] = P::fma(P::fma(x3, kSixteenth, g.nz_hi), g.s_hi, g.o_hi);
+  a[0] = finish_pair<P, kScale>(x0, P::kOne, g.nz_lo, g.s_lo, g.o_lo);
+  a[1] = finish_pair<P, kScale>(x1, kSixteenth, g.nz_hi, g.s_hi, g.o_hi);
+  a[2] = finish_pair<P, kScale>(x2, P::kOne, g.nz_lo, g.s_lo, g.o_lo);
+  a[3] = finish_pair<P, kScale>(x3, kSixteenth, g.nz_hi, g.s_hi, g.o_hi);
 }
 
-template <>
-__device__ __forceinline__ void dequant_int4<__nv_bfloat16>(uint32_t q, const GroupRegs& g,
-                                                            uint32_t (&a)[4]) {
+template <bool kScale>
+__device__ __forceinline__ void dequant_int4_bf16(uint32_t q, const GroupRegs& g,
+                                                  uint32_t (&a)[4]) {
   // bf16 has 7 mantissa bits: a nibble at bits 4..7 would spill into the exponent, so
   // every nibble is shifted down to bits 0..3 first.
   using P = Pair<__nv_bfloat16>;
@@ -309,13 +332,23 @@ __device__ __forceinline__ void dequant_int4<__nv_bfloat16>(uint32_t q, const Gr
   const uint32_t x1 = lop3_and_or(q >> 4, 0x000F000Fu, P::kMagic);
   const uint32_t x2 = lop3_and_or(q >> 8, 0x000F000Fu, P::kMagic);
   const uint32_t x3 = lop3_and_or(q >> 12, 0x000F000Fu, P::kMagic);
-  a[0] = P::fma(P::fma(x0, P::kOne, g.nz_lo), g.s_lo, g.o_lo);
-  a[1] = P::fma(P::fma(x1, P::kOne, g.nz_hi), g.s_hi, g.o_hi);
-  a[2] = P::fma(P::fma(x2, P::kOne, g.nz_lo), g.s_lo, g.o_lo);
-  a[3] = P::fma(P::fma(x3, P::kOne, g.nz_hi), g.s_hi, g.o_hi);
+  a[0] = finish_pair<P, kScale>(x0, P::kOne, g.nz_lo, g.s_lo, g.o_lo);
+  a[1] = finish_pair<P, kScale>(x1, P::kOne, g.nz_hi, g.s_hi, g.o_hi);
+  a[2] = finish_pair<P, kScale>(x2, P::kOne, g.nz_lo, g.s_lo, g.o_lo);
+  a[3] = finish_pair<P, kScale>(x3, P::kOne, g.nz_hi, g.s_hi, g.o_hi);
+}
+
+template <typename T, bool kScale>
+__device__ __forceinline__ void dequant_int4(uint32_t q, const GroupRegs& g, uint32_t (&a)[4]) {
+  if constexpr (std::is_same_v<T, __half>) {
+    dequant_int4_f16<kScale>(q, g, a);
+  } else {
+    dequant_int4_bf16<kScale>(q, g, a);
+  }
 }
 
 // 8-bit, fp16: prmt puts a code byte under the 0x64 exponent byte: 1024 + q, exact.
+template <bool kScale>
 __device__ __forceinline__ void dequant_int8_f16(uint32_t w0, uint32_t w1, const GroupRegs& g,
                                                  uint32_t (&a)[4]) {
   using P = Pair<__half>;
@@ -324,30 +357,36 @@ __device__ __forceinline__ void dequant_int8_f16(uint32_t w0, uint32_t w1, const
   const uint32_t x1 = prmt(w0, kHi, 0x4341);  // bytes 1, 3: row r+8
   const uint32_t x2 = prmt(w1, kHi, 0x4240);
   const uint32_t x3 = prmt(w1, kHi, 0x4341);
-  a[0] = P::fma(P::fma(x0, P::kOne, g.nz_lo), g.s_lo, g.o_lo);
-  a[1] = P::fma(P::fma(x1, P::kOne, g.nz_hi), g.s_hi, g.o_hi);
-  a[2] = P::fma(P::fma(x2, P::kOne, g.nz_lo), g.s_lo, g.o_lo);
-  a[3] = P::fma(P::fma(x3, P::kOne, g.nz_hi), g.s_hi, g.o_hi);
+  a[0] = finish_pair<P, kScale>(x0, P::kOne, g.nz_lo, g.s_lo, g.o_lo);
+  a[1] = finish_pair<P, kScale>(x1, P::kOne, g.nz_hi, g.s_hi, g.o_hi);
+  a[2] = finish_pair<P, kScale>(x2, P::kOne, g.nz_lo, g.s_lo, g.o_lo);
+  a[3] = finish_pair<P, kScale>(x3, P::kOne, g.nz_hi, g.s_hi, g.o_hi);
 }
 
 // 8-bit, bf16: 8 significant bits do not fit bf16's magic trick, so each byte goes under
 // the fp32 exponent of 2^23 (exact), the bias is removed in fp32, scaled, and two values
 // are rounded into one bf16 pair.
+template <bool kScale>
 __device__ __forceinline__ uint32_t int8_pair_bf16(uint32_t w, uint32_t sel_lo, uint32_t sel_hi,
                                                    float nz, float s, float o) {
   constexpr uint32_t kExp = 0x4B000000u;
   const float lo = __uint_as_float(prmt(w, kExp, sel_lo)) + nz;
   const float hi = __uint_as_float(prmt(w, kExp, sel_hi)) + nz;
-  return Pair<__nv_bfloat16>::pack(fmaf(lo, s, o), fmaf(hi, s, o));
+  if constexpr (kScale) {
+    return Pair<__nv_bfloat16>::pack(fmaf(lo, s, o), fmaf(hi, s, o));
+  } else {
+    return Pair<__nv_bfloat16>::pack(lo, hi);  // q - z: exact in bf16
+  }
 }
 
+template <bool kScale>
 __device__ __forceinline__ void dequant_int8_bf16(uint32_t w0, uint32_t w1,
                                                   const GroupRegsF32& g, uint32_t (&a)[4]) {
   // selector 0x754b: result bytes = (w.byte b, 0, 0, 0x4B)
-  a[0] = int8_pair_bf16(w0, 0x7540, 0x7542, g.nz_lo, g.s_lo, g.o_lo);
-  a[1] = int8_pair_bf16(w0, 0x7541, 0x7543, g.nz_hi, g.s_hi, g.o_hi);
-  a[2] = int8_pair_bf16(w1, 0x7540, 0x7542, g.nz_lo, g.s_lo, g.o_lo);
-  a[3] = int8_pair_bf16(w1, 0x7541, 0x7543, g.nz_hi, g.s_hi, g.o_hi);
+  a[0] = int8_pair_bf16<kScale>(w0, 0x7540, 0x7542, g.nz_lo, g.s_lo, g.o_lo);
+  a[1] = int8_pair_bf16<kScale>(w0, 0x7541, 0x7543, g.nz_hi, g.s_hi, g.o_hi);
+  a[2] = int8_pair_bf16<kScale>(w1, 0x7540, 0x7542, g.nz_lo, g.s_lo, g.o_lo);
+  a[3] = int8_pair_bf16<kScale>(w1, 0x7541, 0x7543, g.nz_hi, g.s_hi, g.o_hi);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -373,6 +412,11 @@ struct Config {
   static constexpr int kPBytes = (BK / 32) * 256;          // at most BK/32 groups per stage
   static constexpr int kStageBytes = kWBytes + kABytes + 2 * kPBytes;
   static constexpr int kSmemBytes = STAGES * kStageBytes;
+  // Folded scales need a second accumulator set (unscaled per-group sums): only where the
+  // accumulators are few. Two such sets (even / odd k16 steps) where they are very few,
+  // so consecutive mma do not wait on each other's result.
+  static constexpr bool kCanFold = MT * WN16 <= 4;
+  static constexpr int kGroupAccSets = MT * WN16 <= 2 ? 2 : 1;
   static_assert(BK % kSpan == 0 && BK % 32 == 0, "BK must hold whole lane chunks and k32 pairs");
   static_assert(8 % WN16 == 0, "WN16 must divide 8");
 };
@@ -390,10 +434,13 @@ __device__ __forceinline__ int64_t first_unit_of_block(int b, int64_t units, int
 // The kernel.
 // ---------------------------------------------------------------------------------------
 
-template <typename T, typename Cfg>
+// kFold: the scale is applied per group to fp32 accumulators of exact (q - z) products
+// (symmetric and zero-point weights; offsets w = q * s + o cannot be folded this way).
+template <typename T, typename Cfg, bool kFold>
 __global__ void __launch_bounds__(Cfg::kThreads)
 decode_gemm_kernel(const DecodeGemmParams p) {
   using P = Pair<T>;
+  static_assert(!kFold || Cfg::kCanFold, "this configuration has no room for folded scales");
   constexpr int kBits = Cfg::kBits, kMT = Cfg::kMT, kWN16 = Cfg::kWN16, kBK = Cfg::kBK;
   constexpr int kStages = Cfg::kStages, kThreads = Cfg::kThreads, kBN = Cfg::kBN;
   constexpr bool kF32Path = kBits == 8 && sizeof(T) == 2 && P::kMagic == 0x43004300u;
@@ -406,7 +453,9 @@ decode_gemm_kernel(const DecodeGemmParams p) {
   const int m_rows = static_cast<int>(p.m);
   const int64_t n_out = p.n;
   const int64_t k_real = p.k;
-  const int kc_per_tile = static_cast<int>(p.k_pad / kBK);
+  // The last stage of a tile may hold fewer k blocks than BK / span (K_pad is a multiple
+  // of 128 only): its missing chunks are neither loaded nor computed.
+  const int kc_per_tile = static_cast<int>((p.k_pad + kBK - 1) / kBK);
   const int64_t k_blocks_per_tile = p.k_pad / Cfg::kSpan;
   const int64_t units = (p.n_pad / kBN) * kc_per_tile;
   const int grid = gridDim.x;
@@ -444,12 +493,13 @@ decode_gemm_kernel(const DecodeGemmParams p) {
   auto load_stage = [&](int64_t tile, int kc, int s) {
     const uint32_t st = smem0 + s * Cfg::kStageBytes;
     // weights: one contiguous range
-    const uint8_t* wsrc = wbase + (tile * k_blocks_per_tile +
-                                   static_cast<int64_t>(kc) * Cfg::kChunksPerStage) * 4096;
+    const int64_t kb0 = static_cast<int64_t>(kc) * Cfg::kChunksPerStage;
+    const int kb_here = static_cast<int>(k_blocks_per_tile - kb0);  // k blocks left in tile
+    const uint8_t* wsrc = wbase + (tile * k_blocks_per_tile + kb0) * 4096;
 #pragma unroll
     for (int i = 0; i < Cfg::kWBytes / 16 / kThreads; ++i) {
       const int c = i * kThreads + tid;
-      cp_async16_stream(st + c * 16, wsrc + c * 16);
+      if ((c >> 8) < kb_here) cp_async16_stream(st + c * 16, wsrc + c * 16);
     }
     // activations: M rows x BK, chunk j of row m stored at chunk j ^ (m & 7)
     const int64_t k0 = static_cast<int64_t>(kc) * kBK;
@@ -464,7 +514,8 @@ decode_gemm_kernel(const DecodeGemmParams p) {
     }
     // group parameters of the groups this chunk touches
     const int64_t g0 = k0 >> gs_log2;
-    const int pchunks = groups_per_stage * 16;
+    const int pchunks = static_cast<int>(
+        min(static_cast<int64_t>(groups_per_stage), groups_per_tile - g0) * 16);
     const int64_t poff = (tile * groups_per_tile + g0) * 256;
     for (int c = tid; c < pchunks; c += kThreads) {
       cp_async16_zfill(st + Cfg::kWBytes + Cfg::kABytes + c * 16, sbase + poff + c * 16, 16);
@@ -475,13 +526,44 @@ decode_gemm_kernel(const DecodeGemmParams p) {
     }
   };
 
+  // acc: the block's sums for the current segment. With kFold, the mma accumulate exact
+  // (q - z) * x products of the current group into gacc (kGroupAccSets sets, alternating
+  // by k16 step), and fold() adds scale * gacc into acc whenever a group ends.
+  constexpr int kSets = kFold ? Cfg::kGroupAccSets : 1;
   float acc[kWN16][kMT][4];
+  float gacc[kSets][kWN16][kMT][4];
+  float fscale[kWN16][2];  // scales (rows r, r + 8) of the group held in gacc
 #pragma unroll
-  for (int i = 0; i < kWN16; ++i)
+  for (int i = 0; i < kWN16; ++i) {
+    fscale[i][0] = fscale[i][1] = 0.f;
 #pragma unroll
     for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) acc[i][mt][e] = 0.f;
+      for (int e = 0; e < 4; ++e) {
+        acc[i][mt][e] = 0.f;
+#pragma unroll
+        for (int h = 0; h < kSets; ++h) gacc[h][i][mt][e] = 0.f;
+      }
+  }
+  auto fold = [&]() {
+    if constexpr (kFold) {
+#pragma unroll
+      for (int i = 0; i < kWN16; ++i)
+#pragma unroll
+        for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            float v = gacc[0][i][mt][e];
+#pragma unroll
+            for (int h = 1; h < kSets; ++h) v += gacc[h][i][mt][e];
+            acc[i][mt][e] = fmaf(v, fscale[i][e >> 1], acc[i][mt][e]);
+#pragma unroll
+            for (int h = 0; h < kSets; ++h) gacc[h][i][mt][e] = 0.f;
+          }
+    }
+  };
+  GroupRegs g[kWN16];
+  GroupRegsF32 gf[kWN16];
 
   const int64_t first_tile = u_begin / kc_per_tile;
   int64_t load_tile = first_tile;
@@ -526,12 +608,13 @@ decode_gemm_kernel(const DecodeGemmParams p) {
     const uint32_t a_st = st + Cfg::kWBytes;
     const uint32_t s_st = a_st + Cfg::kABytes;
     const uint32_t z_st = s_st + Cfg::kPBytes;
-    GroupRegs g[kWN16];
-    GroupRegsF32 gf[kWN16];
+    const int kb_here = static_cast<int>(k_blocks_per_tile -
+                                         static_cast<int64_t>(kc) * Cfg::kChunksPerStage);
     uint32_t bfrag[kMT][2];
     uint32_t bpair[4];
 #pragma unroll
     for (int cb = 0; cb < Cfg::kChunksPerStage; ++cb) {
+      if (cb >= kb_here) break;  // short last stage of the tile (uniform)
       uint4 wq[kWN16];
 #pragma unroll
       for (int i = 0; i < kWN16; ++i) {
@@ -540,15 +623,20 @@ decode_gemm_kernel(const DecodeGemmParams p) {
 #pragma unroll
       for (int j = 0; j < Cfg::kK16PerChunk; ++j) {
         const int ks = cb * Cfg::kK16PerChunk + j;  // k16 step inside the stage
-        if (((ks * 16) & gs_mask) == 0) {
+        if (((ks * 16) & gs_mask) == 0) {  // a group starts (at least every stage)
+          fold();
           const int gl = (ks * 16) >> gs_log2;
 #pragma unroll
           for (int i = 0; i < kWN16; ++i) {
             const uint32_t off = gl * 256 + (warp * kWN16 + i) * 32 + (lane >> 2) * 4;
             if constexpr (kF32Path) {
               load_group_f32(gf[i], s_st + off, z_st + off, mode);
+              fscale[i][0] = gf[i].s_lo;
+              fscale[i][1] = gf[i].s_hi;
             } else {
               load_group<T, kBits>(g[i], s_st + off, z_st + off, mode);
+              fscale[i][0] = g[i].fs_lo;
+              fscale[i][1] = g[i].fs_hi;
             }
           }
         }
@@ -581,15 +669,21 @@ decode_gemm_kernel(const DecodeGemmParams p) {
           uint32_t a[4];
           if constexpr (kBits == 4) {
             const uint32_t q = j == 0 ? wq[i].x : j == 1 ? wq[i].y : j == 2 ? wq[i].z : wq[i].w;
-            dequant_int4<T>(q, g[i], a);
+            dequant_int4<T, !kFold>(q, g[i], a);
           } else if constexpr (kF32Path) {
-            dequant_int8_bf16(j == 0 ? wq[i].x : wq[i].z, j == 0 ? wq[i].y : wq[i].w, gf[i], a);
+            dequant_int8_bf16<!kFold>(j == 0 ? wq[i].x : wq[i].z, j == 0 ? wq[i].y : wq[i].w,
+                                      gf[i], a);
           } else {
-            dequant_int8_f16(j == 0 ? wq[i].x : wq[i].z, j == 0 ? wq[i].y : wq[i].w, g[i], a);
+            dequant_int8_f16<!kFold>(j == 0 ? wq[i].x : wq[i].z, j == 0 ? wq[i].y : wq[i].w,
+                                     g[i], a);
           }
 #pragma unroll
           for (int mt = 0; mt < kMT; ++mt) {
-            mma16816<T>(acc[i][mt], a, bfrag[mt][0], bfrag[mt][1]);
+            if constexpr (kFold) {
+              mma16816<T>(gacc[ks % kSets][i][mt], a, bfrag[mt][0], bfrag[mt][1]);
+            } else {
+              mma16816<T>(acc[i][mt], a, bfrag[mt][0], bfrag[mt][1]);
+            }
           }
         }
       }
@@ -598,6 +692,7 @@ decode_gemm_kernel(const DecodeGemmParams p) {
 
     // ---- end of a segment (n_tile boundary or end of range): epilogue ----
     if (kc == kc_per_tile - 1 || u + 1 == u_end) {
+      fold();
       const bool full = seg_kc_begin == 0 && kc == kc_per_tile - 1;
       const int64_t n_tile0 = tile * kBN;
       const T* bias = static_cast<const T*>(p.bias);

@@ -76,8 +76,9 @@ struct DecodeGemmParams {
 
 // Tokens per block tile for a given M (8, 16, 32 or 64): the kernel configuration.
 int decode_gemm_m_tile(int64_t m);
-// k per pipeline stage of the configuration used for M (units = N_pad/128 * K_pad/bk).
-int decode_gemm_stage_k(int64_t m);
+// k per pipeline stage of the configuration used for M and bits
+// (units = N_pad/128 * ceil(K_pad / bk)).
+int decode_gemm_stage_k(int64_t m, int bits);
 cudaError_t launch_decode_gemm(const DecodeGemmParams& p);
 
 }  // namespace dqgemm

@@ -159,8 +159,11 @@ def test_launch_table_covers_every_tile():
 def test_grid_never_exceeds_units_or_split_cap(monkeypatch):
     monkeypatch.setattr(cd, "_sm_count", lambda device_index: 132)
     cd.grid_size.cache_clear()
-    # 576 x 576: 5 tiles x 5 k-chunks = 25 units < 264 blocks
-    assert cd.grid_size(1, 576, 576, 4, 0) == 25
+    # 576 x 576 (K_pad 640): INT4 M <= 16 stages are 256 deep, so 5 tiles x 3 k-chunks (the
+    # last one half full) = 15 units < 264 blocks; INT8 stages are 128 deep: 5 x 5 = 25
+    assert cd.grid_size(1, 576, 576, 4, 0) == 15
+    assert cd.grid_size(1, 576, 576, 8, 0) == 25
+    assert cd.grid_size(32, 576, 576, 4, 0) == 25
     # M = 64 on 4096 x 4096: 32 tiles, at most 4 blocks per tile
     assert cd.grid_size(64, 4096, 4096, 4, 0) == 32 * int(cd.max_splits_table()["64"])
     assert cd.grid_size(1, 28672, 8192, 4, 0, blocks_per_sm=3) == 396

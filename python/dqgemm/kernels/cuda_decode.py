@@ -233,9 +233,13 @@ def m_tile(m: int) -> int:
     return 8 if m <= 8 else 16 if m <= 16 else 32 if m <= 32 else 64
 
 
-def stage_k(m: int) -> int:
-    # must match decode_gemm_stage_k in csrc/decode_gemm.cu
-    return 64 if m_tile(m) == 64 else 128
+def stage_k(m: int, bits: int) -> int:
+    """k per pipeline stage (must match decode_gemm_stage_k in csrc/decode_gemm.cu): 16 KB of
+    weights per stage at M <= 16 (256 at 4-bit, 128 at 8-bit), 128 at M <= 32, 64 above."""
+    tile = m_tile(m)
+    if tile == 64:
+        return 64
+    return 256 if tile <= 16 and bits == 4 else 128
 
 
 @functools.lru_cache(maxsize=16)
@@ -250,7 +254,8 @@ def grid_size(m: int, n: int, k: int, bits: int, device_index: int,
     max_splits_per_tile blocks per 128-channel tile (on average)."""
     n_pad, k_pad = padded_sizes(n, k)
     tiles = n_pad // TILE_N
-    units = tiles * (k_pad // stage_k(m))
+    bk = stage_k(m, bits)
+    units = tiles * ((k_pad + bk - 1) // bk)
     if blocks_per_sm is None:
         blocks_per_sm = int(launch_table()[f"int{bits}"][str(m_tile(m))])
     splits = int(max_splits_table()[str(m_tile(m))])
