@@ -72,6 +72,10 @@ def test_dequantize_kernel_matches_reference(case, out_dtype):
     prepared = dqgemm.registry.get_kernel("cuda_dequant_gemm").prepare(qw)
     out = torch.full((n, k), float("nan"), dtype=out_dtype, device="cuda")  # poisoned
     stream = torch.cuda.Stream()
+    # the poison fill and the prepared tensors were written on the current stream: the
+    # kernel's stream must wait for them (without this the fill could land after the kernel
+    # and the test would see NaN, as it once did on an H200)
+    stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         zeros = prepared.zero_points if mode == "zero_points" else prepared.offsets
         dequantize_into(out, prepared.packed, prepared.scales, zeros, mode, prepared.act_index,
