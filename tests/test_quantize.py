@@ -42,13 +42,15 @@ def test_error_within_half_a_step(bits, group_size, symmetric):
 
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("symmetric", [True, False])
-@pytest.mark.parametrize("group_size", [32, -1])
-def test_requantizing_a_dequantized_weight_is_lossless(bits, symmetric, group_size):
-    w = random_weight(32, 256, seed=7)
-    qw = dqgemm.quantize(w, bits, group_size, symmetric)
+@pytest.mark.parametrize("group_size", [32, 64, 128, 256, -1])
+@pytest.mark.parametrize("scale_dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_requantizing_a_dequantized_weight_is_lossless(bits, symmetric, group_size, scale_dtype):
+    w = random_weight(32, 512, seed=7)
+    qw = dqgemm.quantize(w, bits, group_size, symmetric, scale_dtype=scale_dtype)
     deq = qw.dequantize()
-    again = dqgemm.quantize(deq, bits, group_size, symmetric, scale_dtype=qw.scales.dtype)
+    again = dqgemm.quantize(deq, bits, group_size, symmetric, scale_dtype=scale_dtype)
     assert torch.equal(again.dequantize(), deq)
+    assert torch.equal(again.codes(), qw.codes())
 
 
 def test_clip_search_lowers_the_error():
@@ -88,21 +90,41 @@ def test_scale_dtype_defaults_and_device():
     (torch.tensor([[1.0, float("nan")] * 16]), dict(group_size=32), ValueError, "NaN/Inf"),
     (torch.tensor([[1.0, float("inf")] * 16]), dict(group_size=32), ValueError, "NaN/Inf"),
     (torch.randn(4, 64), dict(group_size=32, scale_dtype=torch.int8), TypeError, "scale_dtype"),
+    (torch.tensor([[0.0] * 31 + [float("-inf")]]), dict(group_size=32), ValueError,
+     r"weight: expected finite values, got 1 NaN/Inf entries \(first at index \(0, 31\): -inf"),
+    (torch.randn(4, 64), dict(bits=4.0), TypeError, r"bits: expected an int.*got 4.0 \(float\)"),
+    (torch.randn(4, 64), dict(group_size=32.0), TypeError, "group_size: expected an int"),
+    (torch.randn(4, 64), dict(group_size=32, symmetric="no"), TypeError,
+     r"symmetric: expected True or False, got 'no' \(str\)"),
+    (torch.randn(4, 64), dict(group_size=32, clip_search=1), TypeError,
+     "clip_search: expected True or False, got 1"),
+    (torch.randn(4, 64, device="meta"), dict(group_size=32), ValueError,
+     "weight: expected a tensor holding values, got one on the meta device"),
+    ([[1.0] * 32], dict(group_size=32), TypeError, "weight: expected a torch.Tensor, got list"),
+    (torch.randn(0, 64), dict(group_size=32), ValueError, "weight: expected a non-empty"),
+    (torch.randn(4, 64), dict(group_size=32, clip_search=True, clip_ratios=(1.0, 1.5)),
+     ValueError, r"clip_ratios: expected a non-empty list in \(0, 1\]"),
 ])
 def test_bad_input(weight, kwargs, exc, match):
     with pytest.raises(exc, match=match):
         dqgemm.quantize(weight, **kwargs)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(n=st.integers(1, 24), k_groups=st.integers(1, 4),
        group_size=st.sampled_from([32, 64, 128, 256, -1]), bits=st.sampled_from([4, 8]),
-       symmetric=st.booleans(), seed=st.integers(0, 2**16))
-def test_property_round_trip_and_bounds(n, k_groups, group_size, bits, symmetric, seed):
+       symmetric=st.booleans(), seed=st.integers(0, 2**16),
+       scale_dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32]))
+def test_property_round_trip_and_bounds(n, k_groups, group_size, bits, symmetric, seed,
+                                        scale_dtype):
     k = k_groups * (group_size if group_size > 0 else 40) + (0 if group_size > 0 else 1)
     gen = torch.Generator().manual_seed(seed)
     w = torch.randn(n, k, generator=gen) * torch.rand(n, 1, generator=gen)
-    qw = dqgemm.quantize(w, bits, group_size, symmetric)
+    qw = dqgemm.quantize(w, bits, group_size, symmetric, scale_dtype=scale_dtype)
+    assert qw.shape == (n, k) and qw.scales.dtype == scale_dtype
+    # Re-quantizing the dequantized weight gives it back exactly.
+    again = dqgemm.quantize(qw.dequantize(), bits, group_size, symmetric, scale_dtype=scale_dtype)
+    assert torch.equal(again.dequantize(), qw.dequantize())
     # Codes survive a pack/unpack cycle and the weight survives save/load.
     assert torch.equal(dqgemm.pack_codes(qw.codes(), bits), qw.qdata)
     back = dqgemm.QuantizedWeight.from_tensors(qw.tensors(), qw.metadata())
@@ -110,6 +132,28 @@ def test_property_round_trip_and_bounds(n, k_groups, group_size, bits, symmetric
     s, clipped = _step_and_clipped(w, qw)
     err = (qw.dequantize() - w).abs()
     assert bool((err[~clipped] <= 0.5 * s[~clipped] * (1 + 1e-5) + 1e-7).all())
+    if symmetric:
+        assert not bool(clipped.any())
+
+
+@pytest.mark.parametrize("zero_mode", ["symmetric", "zero_points", "offsets"])
+def test_scales_beyond_the_scale_dtype_are_an_error_not_inf(zero_mode):
+    w = torch.linspace(-1e6, 2e6, 64).reshape(2, 32)   # scales ~1e5 > fp16 max 65504
+    with pytest.raises(ValueError, match=r"scale_dtype: expected a dtype that holds the "
+                       r"(scales|offsets) \(largest .*\), got torch.float16 \(max 6.55e\+04\)"):
+        dqgemm.quantize(w, 4, 32, zero_mode=zero_mode)
+    qw = dqgemm.quantize(w, 4, 32, zero_mode=zero_mode, scale_dtype=torch.float32)
+    assert bool(torch.isfinite(qw.dequantize()).all())
+
+
+def test_bf16_int8_symmetric_groups_reach_the_last_code():
+    # bf16 steps are up to 1/128 of a value: rounding the scale up may leave absmax at code
+    # 126; the scale rounds down there, so every group's largest magnitude is code +-127.
+    w = random_weight(64, 256, seed=4)
+    qw = dqgemm.quantize(w, 8, 32, scale_dtype=torch.bfloat16)
+    signed = qw.codes().int().reshape(64, 8, 32) - 128
+    assert bool((signed.abs().amax(dim=-1) == 127).all())
+    assert int(signed.min()) >= -127
 
 
 @pytest.mark.parametrize("bits", [4, 8])

@@ -33,6 +33,7 @@ zero_points and offsets are mutually exclusive. Group sizes: 32, 64, 128, 256 or
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -58,6 +59,8 @@ def packed_row_bytes(in_features: int, bits: int) -> int:
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack unsigned integer codes [N, K] (values in [0, 2**bits)) into qdata uint8."""
     check_bits(bits)
+    if not isinstance(codes, torch.Tensor):
+        raise TypeError(f"codes: expected a torch.Tensor, got {type(codes).__name__}")
     if codes.dim() != 2:
         raise ValueError(f"codes: expected a 2-D [N, K] tensor, got shape {tuple(codes.shape)}")
     if codes.dtype.is_floating_point or codes.dtype == torch.bool:
@@ -80,6 +83,12 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
 def unpack_codes(qdata: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
     """Inverse of pack_codes: qdata uint8 [N, ceil(K*bits/8)] -> codes uint8 [N, K]."""
     check_bits(bits)
+    check_positive_int("in_features", in_features)
+    if not isinstance(qdata, torch.Tensor) or qdata.dim() != 2:
+        shape = tuple(qdata.shape) if isinstance(qdata, torch.Tensor) else type(qdata).__name__
+        raise ValueError(f"qdata: expected a 2-D uint8 tensor [N, ceil(K * bits / 8)], "
+                         f"got {shape}")
+    _expect("qdata", qdata, (qdata.shape[0], packed_row_bytes(in_features, bits)), (torch.uint8,))
     if bits == 8:
         return qdata[:, :in_features]
     low = qdata & 0x0F
@@ -92,12 +101,32 @@ def unpack_codes(qdata: torch.Tensor, bits: int, in_features: int) -> torch.Tens
 # Checks shared by the format, quantization and the matmul entry points.
 # ----------------------------------------------------------------------------------------
 
+def _is_int(value) -> bool:
+    # torch.SymInt: sizes traced symbolically (torch.compile, opcheck's dynamic-shape tests).
+    return isinstance(value, (numbers.Integral, torch.SymInt)) and not isinstance(value, bool)
+
+
+def check_positive_int(name: str, value) -> None:
+    """Raises TypeError / ValueError unless ``value`` is an int > 0."""
+    if not _is_int(value):
+        raise TypeError(f"{name}: expected a positive int, got {value!r} "
+                        f"({type(value).__name__})")
+    if value <= 0:
+        raise ValueError(f"{name}: expected a positive int, got {value}")
+
+
 def check_bits(bits: int) -> None:
+    if not _is_int(bits):
+        raise TypeError(f"bits: expected an int, one of {SUPPORTED_BITS}, got {bits!r} "
+                        f"({type(bits).__name__})")
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"bits: expected one of {SUPPORTED_BITS}, got {bits!r}")
 
 
 def check_group_size(group_size: int, in_features: Optional[int] = None) -> None:
+    if not _is_int(group_size):
+        raise TypeError(f"group_size: expected an int, one of {SUPPORTED_GROUP_SIZES}, got "
+                        f"{group_size!r} ({type(group_size).__name__})")
     if group_size not in SUPPORTED_GROUP_SIZES:
         raise ValueError(
             f"group_size: expected one of {SUPPORTED_GROUP_SIZES} (-1 = per-channel), "
@@ -127,6 +156,14 @@ def _expect(name: str, tensor: torch.Tensor, shape: Tuple[int, ...], dtypes) -> 
         raise TypeError(f"{name}: expected dtype in ({names}), got {tensor.dtype}")
 
 
+def _holds_readable_data(t: torch.Tensor) -> bool:
+    """False where reading values is impossible or not allowed: meta tensors, tracing by
+    torch.compile, CUDA graph capture. Value checks are skipped there."""
+    if t.device.type == "meta" or torch.compiler.is_compiling():
+        return False
+    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
 # ----------------------------------------------------------------------------------------
 # The QuantizedWeight container.
 # ----------------------------------------------------------------------------------------
@@ -136,7 +173,9 @@ class QuantizedWeight:
     """A quantized [out_features, in_features] weight in the canonical kpack-v1 format.
 
     Construct it with :func:`dqgemm.quantize`, an importer in :mod:`dqgemm.formats`, or
-    directly from tensors (the constructor validates shapes, dtypes and devices).
+    directly from tensors. The constructor validates metadata, shapes, dtypes and devices,
+    and, unless the tensors are on the meta device (or being traced or captured), that
+    scales / zero_points / offsets are finite and g_idx names existing groups.
     """
 
     qdata: torch.Tensor
@@ -196,10 +235,11 @@ class QuantizedWeight:
 
     # -- validation -------------------------------------------------------------------
     def validate(self) -> None:
+        """Checks metadata, shapes, dtypes and devices, then (where the tensors hold data) that
+        scales / zero_points / offsets are finite and g_idx names existing groups."""
         check_bits(self.bits)
+        check_positive_int("in_features", self.in_features)
         check_group_size(self.group_size, self.in_features)
-        if self.in_features <= 0:
-            raise ValueError(f"in_features: expected a positive integer, got {self.in_features}")
         if not isinstance(self.qdata, torch.Tensor) or self.qdata.dim() != 2:
             shape = tuple(self.qdata.shape) if isinstance(self.qdata, torch.Tensor) else None
             raise ValueError(f"qdata: expected a 2-D uint8 tensor, got shape {shape}")
@@ -220,9 +260,25 @@ class QuantizedWeight:
         if len(set(devices.values())) > 1:
             listing = ", ".join(f"{k} on {v}" for k, v in devices.items())
             raise ValueError(f"QuantizedWeight tensors: expected one device, got {listing}")
+        if _holds_readable_data(self.qdata):
+            self.check_finite()
+            self.check_g_idx_range()
+
+    def check_finite(self) -> None:
+        """Checks that scales, zero_points and offsets hold no NaN or Inf (a full scan)."""
+        for name in ("scales", "zero_points", "offsets"):
+            t = getattr(self, name)
+            if t is None or t.numel() == 0:
+                continue
+            finite = torch.isfinite(t)
+            if not bool(finite.all()):
+                first = tuple((~finite).nonzero()[0].tolist())
+                raise ValueError(
+                    f"{name}: expected finite values, got {int((~finite).sum())} NaN/Inf "
+                    f"entries (first at index {first}: {t[first].item()})")
 
     def check_g_idx_range(self) -> None:
-        """Checks that every g_idx entry names an existing group (a full scan: call once)."""
+        """Checks that every g_idx entry names an existing group (a full scan of g_idx)."""
         if self.g_idx is None or self.g_idx.numel() == 0:
             return
         lo, hi = int(self.g_idx.min()), int(self.g_idx.max())

@@ -7,10 +7,17 @@ Asymmetric: the group's range is widened to include 0 (so an all-zero group stay
 
 The codes are always computed from the scale *after* it is rounded to its storage dtype.
 Symmetric scales round up: no weight falls outside the grid, each is within half a step.
+Where rounding up would leave the group's largest magnitude below code 2**(bits-1) - 1
+(possible only with bf16 scales at 8 bits: bf16 steps reach 1/128 of the value), the scale
+rounds down instead, which still keeps every weight within half a step of the grid; so the
+largest magnitude always lands on the last code, and re-quantizing stays lossless.
 Asymmetric scales round down (towards zero), so the group's minimum lands exactly on code 0
 and its maximum on the last code (clamped there by at most (2**bits - 1) * ulp(scale) steps,
 about 0.007 of a step for INT4 with fp16 scales): every group spans the whole grid, which
 makes re-quantizing a dequantized weight lossless.
+float32 scales keep FP32_SCALE_BITS = 16 significant bits (rounded the same way), so that
+every code * scale (codes span at most 8 bits) is exact in fp32 and re-quantizing a
+dequantized weight gives back the same scales.
 
 Offsets (``zero_mode="offsets"``, the GGUF Q4_1 scheme): min-max over the group,
             scale = (max - min) / (2**bits - 1), offset = min, q = round((w - offset) / scale).
@@ -30,6 +37,7 @@ from .format import (QuantizedWeight, check_bits, check_group_size, effective_gr
                      pack_codes)
 
 DEFAULT_CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5)
+FP32_SCALE_BITS = 16
 
 
 def _default_scale_dtype(weight_dtype: torch.dtype) -> torch.dtype:
@@ -47,6 +55,8 @@ def _check_weight(weight: torch.Tensor) -> None:
         raise TypeError(f"weight: expected a floating-point dtype, got {weight.dtype}")
     if weight.numel() == 0:
         raise ValueError(f"weight: expected a non-empty tensor, got shape {tuple(weight.shape)}")
+    if weight.device.type == "meta":
+        raise ValueError("weight: expected a tensor holding values, got one on the meta device")
     finite = torch.isfinite(weight)
     if not bool(finite.all()):
         bad = (~finite).nonzero()[0].tolist()
@@ -55,19 +65,57 @@ def _check_weight(weight: torch.Tensor) -> None:
             f"(first at index {tuple(bad)}: {weight[tuple(bad)].item()})")
 
 
+def check_representable(name: str, values: torch.Tensor, dtype: torch.dtype) -> None:
+    """Raises ValueError when fp32 ``values`` exceed what ``dtype`` (scale_dtype) can hold."""
+    limit = torch.finfo(dtype).max
+    largest = float(values.abs().max()) if values.numel() else 0.0
+    if largest > limit:
+        raise ValueError(
+            f"scale_dtype: expected a dtype that holds the {name} (largest {largest:.4g}), "
+            f"got {dtype} (max {limit:.4g}); use scale_dtype=torch.float32")
+
+
+def _trim_fp32(exact: torch.Tensor, direction: str) -> torch.Tensor:
+    """exact (fp32, >= 0) rounded to FP32_SCALE_BITS significant bits: "up", "down" or
+    "nearest" (ties away from zero)."""
+    drop = 24 - FP32_SCALE_BITS
+    bits = exact.contiguous().view(torch.int32)
+    if direction == "nearest":
+        bits = bits + (1 << (drop - 1))
+    low = bits & ((1 << drop) - 1)
+    down = bits - low
+    if direction == "up":
+        down = torch.where(low != 0, down + (1 << drop), down)
+    return down.view(torch.float32)
+
+
 def _round_scale(exact: torch.Tensor, dtype: torch.dtype, direction: str) -> torch.Tensor:
-    """exact (fp32, >= 0) rounded to ``dtype`` towards +inf ("up") or towards 0 ("down")."""
+    """exact (fp32, >= 0) rounded to ``dtype`` towards +inf ("up"), towards 0 ("down") or
+    to nearest ("nearest"); float32 keeps FP32_SCALE_BITS significant bits."""
+    check_representable("scales", exact, dtype)
+    if dtype == torch.float32:
+        return _trim_fp32(exact, direction)
     rounded = exact.to(dtype)
+    if direction == "nearest":
+        return rounded
     off = rounded.float() < exact if direction == "up" else rounded.float() > exact
     if not bool(off.any()):
         return rounded
     step = 1 if direction == "up" else -1
-    if dtype == torch.float32:
-        target = float("inf") if direction == "up" else 0.0
-        bumped = torch.nextafter(rounded, torch.full_like(rounded, target))
-    else:  # fp16 / bf16, values >= 0: neighbours are the adjacent bit patterns
-        bumped = (rounded.view(torch.int16) + step).view(dtype)
+    # fp16 / bf16, values >= 0: neighbours are the adjacent bit patterns.
+    bumped = (rounded.view(torch.int16) + step).view(dtype)
     return torch.where(off, bumped, rounded)
+
+
+def _symmetric_scales(absmax: torch.Tensor, qmax: int, dtype: torch.dtype) -> torch.Tensor:
+    """Rounded-up absmax / qmax, or rounded down where up would leave the largest magnitude
+    short of code qmax while down still keeps it within half a step (module docstring)."""
+    up = _round_scale(absmax / qmax, dtype, "up")
+    short = absmax / up.float() <= qmax - 0.5          # NaN (absmax = 0) compares False
+    if not bool(short.any()):
+        return up
+    down = _round_scale(absmax / qmax, dtype, "down")
+    return torch.where(short & (absmax / down.float() < qmax + 0.5), down, up)
 
 
 def _quantize_groups(w: torch.Tensor, bits: int, mode: str, scale_dtype: torch.dtype,
@@ -77,7 +125,7 @@ def _quantize_groups(w: torch.Tensor, bits: int, mode: str, scale_dtype: torch.d
     if mode == "symmetric":
         qmax = (1 << (bits - 1)) - 1
         absmax = w.abs().amax(dim=-1) * ratio
-        scales = _round_scale(absmax / qmax, scale_dtype, "up")
+        scales = _symmetric_scales(absmax, qmax, scale_dtype)
         s = scales.float()
         safe = torch.where(s == 0, torch.ones_like(s), s).unsqueeze(-1)
         q = torch.clamp(torch.round(w / safe), -qmax - 1, qmax) + (1 << (bits - 1))
@@ -88,8 +136,9 @@ def _quantize_groups(w: torch.Tensor, bits: int, mode: str, scale_dtype: torch.d
         # the maximum on the last code, so re-quantizing is lossless.
         wmin, wmax = w.amin(dim=-1), w.amax(dim=-1)
         mid, half = (wmax + wmin) / 2, (wmax - wmin) / 2 * ratio
+        check_representable("offsets", mid - half, scale_dtype)
         offsets = (mid - half).to(scale_dtype)
-        scales = (2 * half / levels).to(scale_dtype)
+        scales = _round_scale(2 * half / levels, scale_dtype, "nearest")
         s = scales.float()
         safe = torch.where(s == 0, torch.ones_like(s), s).unsqueeze(-1)
         q = torch.clamp(torch.round((w - offsets.float().unsqueeze(-1)) / safe), 0, levels)
@@ -129,13 +178,18 @@ def quantize(weight: torch.Tensor, bits: int = 4, group_size: int = 128,
             range widened to include 0), or "offsets" (min-max per group with a float offset,
             w = q * scale + offset, the GGUF Q4_1 scheme).
         scale_dtype: dtype of scales (and zero points); default fp16, or bf16 for a bf16
-            weight.
+            weight. float32 scales keep FP32_SCALE_BITS significant bits (module docstring).
+            A scale or offset beyond the dtype's range is a ValueError, never an Inf.
         clip_search: try each of ``clip_ratios`` per group and keep the least-squared-error one.
 
     Returns:
         A QuantizedWeight in the canonical kpack-v1 format.
     """
     check_bits(bits)
+    for name, flag in (("symmetric", symmetric), ("clip_search", clip_search)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name}: expected True or False, got {flag!r} "
+                            f"({type(flag).__name__})")
     _check_weight(weight)
     n, k = weight.shape
     check_group_size(group_size, k)
