@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
 import dqgemm
 from _util import assert_close_product, random_activation, random_weight
@@ -41,12 +42,20 @@ def test_auto_on_cpu_uses_reference_and_leading_dims():
     assert "selected: reference" in dqgemm.explain(x, qw)
 
 
-def test_non_contiguous_input_gives_the_contiguous_result():
+@pytest.mark.parametrize("make", [
+    lambda: random_activation((128, 10), torch.float32).t(),              # transposed
+    lambda: random_activation((10, 256), torch.float16)[:, ::2],          # strided columns
+    lambda: random_activation((1, 128), torch.bfloat16).expand(6, 128),   # stride-0 rows
+    lambda: random_activation((4, 128, 3), torch.float32).transpose(1, 2),  # 3-D, permuted
+    lambda: random_activation((20, 128), torch.float32)[::3],             # strided rows
+], ids=["transposed", "strided-cols", "expanded", "3d-permuted", "strided-rows"])
+def test_non_contiguous_input_gives_the_contiguous_result(make):
     qw = _qweight()
-    base = random_activation((128, 10), torch.float32)
-    x = base.t()
+    x = make()
     assert not x.is_contiguous()
-    assert torch.equal(dqgemm.matmul(x, qw), dqgemm.matmul(x.contiguous(), qw))
+    out = dqgemm.matmul(x, qw)
+    assert out.shape == x.shape[:-1] + (24,)
+    assert torch.equal(out, dqgemm.matmul(x.contiguous(), qw))
 
 
 def test_empty_input_returns_empty():
@@ -70,6 +79,13 @@ def test_empty_input_returns_empty():
      "bias: expected a floating-point"),
     (lambda qw: (torch.randn(2, 128, device="meta"), qw, None), ValueError,
      "x: expected device cpu"),
+    (lambda qw: (torch.randn(2, 128), qw.to("meta"), None), ValueError,
+     r"x: expected device meta \(where the quantized weight is\), got cpu"),
+    (lambda qw: (torch.randn(2, 128), qw, torch.randn(24, device="meta")), ValueError,
+     "bias: expected device cpu, got meta"),
+    (lambda qw: (torch.tensor(1.0), qw, None), ValueError, r"x: expected shape \[\.\.\., 128\]"),
+    (lambda qw: (torch.randn(2, 128), qw, torch.randn(1, 24)), ValueError,
+     r"bias: expected shape \(24,\), got \(1, 24\)"),
 ])
 def test_bad_input_is_named(make, exc, match):
     x, qw, bias = make(_qweight())
@@ -108,3 +124,23 @@ def test_opcheck(mode, act_order):
     args = (x, qw.qdata, qw.scales, qw.zero_points, qw.offsets, qw.g_idx, bias, qw.bits,
             qw.group_size, "auto")
     torch.library.opcheck(torch.ops.dqgemm.matmul.default, args)
+
+
+@settings(max_examples=40, deadline=None)
+@given(lead=st.lists(st.integers(0, 4), min_size=0, max_size=2), n=st.integers(1, 40),
+       k_groups=st.integers(1, 3), group_size=st.sampled_from([32, 64, 128, 256, -1]),
+       bits=st.sampled_from([4, 8]), mode=st.sampled_from(["symmetric", "zero_points",
+                                                           "offsets"]),
+       dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+       with_bias=st.booleans(), seed=st.integers(0, 2**16))
+def test_property_matmul_matches_float64(lead, n, k_groups, group_size, bits, mode, dtype,
+                                         with_bias, seed):
+    k = k_groups * (group_size if group_size > 0 else 48)
+    w = random_weight(n, k, seed=seed)
+    qw = dqgemm.quantize(w, bits, group_size, zero_mode=mode)
+    x = random_activation((*lead, 3, k), dtype, seed=seed + 1)
+    bias = torch.randn(n, generator=torch.Generator().manual_seed(seed)) if with_bias else None
+    out = dqgemm.matmul(x, qw, bias)
+    assert out.shape == (*lead, 3, n) and out.dtype == dtype
+    if out.numel():
+        assert_close_product(out.reshape(-1, n), x.reshape(-1, k), qw.dequantize(), bias, dtype)

@@ -4,7 +4,9 @@ QuantLinear holds the canonical kpack-v1 tensors as buffers (qdata, scales and, 
 present, zero_points / offsets / g_idx), so state_dict, safetensors and ``.to()`` work as
 for any module. Casting the module (``.half()``, ``.to(torch.bfloat16)``) casts the bias
 only: the quantization tensors keep their dtype, because re-rounding scales would silently
-change the weight. The activation dtype of each call decides the compute dtype.
+change the weight. For the same reason ``load_state_dict`` takes scales, zero points and
+offsets in the dtype they were saved in (and then validates the loaded weight). The
+activation dtype of each call decides the compute dtype.
 """
 
 from __future__ import annotations
@@ -17,11 +19,12 @@ import torch
 from torch import nn
 
 from . import ops
-from .format import (SUPPORTED_GROUP_SIZES, QuantizedWeight, check_bits, check_group_size,
-                     num_groups, packed_row_bytes)
+from .format import (SCALE_DTYPES, QuantizedWeight, check_bits, check_group_size,
+                     check_positive_int, num_groups, packed_row_bytes)
 from .quantize import quantize
 
 QUANT_BUFFERS = ("qdata", "scales", "zero_points", "offsets", "g_idx")
+SCALE_BUFFERS = ("scales", "zero_points", "offsets")
 
 
 class QuantLinear(nn.Module):
@@ -37,6 +40,8 @@ class QuantLinear(nn.Module):
                  scale_dtype: torch.dtype = torch.float16, backend: str = "auto",
                  device=None, dtype: Optional[torch.dtype] = None) -> None:
         super().__init__()
+        check_positive_int("in_features", in_features)
+        check_positive_int("out_features", out_features)
         check_bits(bits)
         check_group_size(group_size, in_features)
         ops.check_backend(backend)
@@ -135,6 +140,24 @@ class QuantLinear(nn.Module):
                 self._buffers[name] = moved
         return self
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # Quantization tensors are taken in the dtype they were saved in (copying fp32 scales
+        # into fp16 buffers would silently change the weight); the result is validated.
+        for name in QUANT_BUFFERS:
+            incoming = state_dict.get(prefix + name)
+            own = self._buffers.get(name)
+            if (not isinstance(incoming, torch.Tensor) or own is None
+                    or incoming.dtype == own.dtype):
+                continue
+            _check_loaded_dtype(prefix + name, name, incoming.dtype, own.dtype)
+            if name in SCALE_BUFFERS:
+                self._buffers[name] = torch.empty_like(own, dtype=incoming.dtype)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        if not error_msgs:
+            self.quantized_weight()   # raises on NaN/Inf scales, a bad g_idx, ...
+
     def extra_repr(self) -> str:
         mode = ("symmetric" if self.zero_points is None and self.offsets is None else
                 "zero_points" if self.zero_points is not None else "offsets")
@@ -144,9 +167,31 @@ class QuantLinear(nn.Module):
                 f"{mode}{act}, backend={self.backend!r}")
 
 
+def _check_loaded_dtype(key: str, name: str, got: torch.dtype, have: torch.dtype) -> None:
+    """Raises unless a saved tensor of dtype ``got`` may be loaded into buffer ``name``:
+    scales-like buffers take any of SCALE_DTYPES (adopted as saved), g_idx any integer
+    dtype (converted to int32), qdata only uint8."""
+    if name in SCALE_BUFFERS:
+        if got not in SCALE_DTYPES:
+            raise TypeError(f"{key}: expected float16, bfloat16 or float32, got {got}")
+    elif name == "g_idx":
+        if got.is_floating_point or got.is_complex or got == torch.bool:
+            raise TypeError(f"{key}: expected an integer dtype (int32), got {got}")
+    else:
+        raise TypeError(f"{key}: expected dtype {have}, got {got}")
+
+
 # ----------------------------------------------------------------------------------------
 # Whole models.
 # ----------------------------------------------------------------------------------------
+
+def format_bytes(nbytes: int) -> str:
+    """1536 -> "1.50 KiB": the largest binary unit that keeps the number >= 1."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= size:
+            return f"{nbytes / size:.2f} {unit}"
+    return f"{nbytes} B"
+
 
 @dataclasses.dataclass
 class QuantizationSummary:
@@ -159,8 +204,8 @@ class QuantizationSummary:
 
     def __str__(self) -> str:
         lines = [f"quantized {len(self.quantized)} linear layers, skipped {len(self.skipped)}",
-                 f"weight memory of quantized layers: {self.bytes_before / 2**20:.2f} MiB -> "
-                 f"{self.bytes_after / 2**20:.2f} MiB"
+                 f"weight memory of quantized layers: {format_bytes(self.bytes_before)} -> "
+                 f"{format_bytes(self.bytes_after)}"
                  + (f" ({self.bytes_before / self.bytes_after:.2f}x smaller)"
                     if self.bytes_after else "")]
         for name, why in self.skipped:
@@ -173,6 +218,9 @@ def _skip_reason(name: str, module: nn.Linear, group_size: int,
                  skip: Iterable[str]) -> Optional[str]:
     if name == "":
         return "the model itself is an nn.Linear: use QuantLinear.from_linear"
+    if type(module) is not nn.Linear:
+        return (f"{type(module).__name__} is a subclass of nn.Linear (its forward or its "
+                f"users may rely on .weight): not replaced")
     for pattern in skip:
         if fnmatch.fnmatchcase(name, pattern) or name == pattern:
             return f"matches skip pattern {pattern!r}"
@@ -193,6 +241,10 @@ def quantize_model(model: nn.Module, bits: int = 4, group_size: int = 128,
                    **quantize_kwargs) -> QuantizationSummary:
     """Replaces every eligible nn.Linear of ``model`` with a QuantLinear, in place.
 
+    Eligible: a plain nn.Linear (not a subclass) whose in_features group_size divides, not
+    on the meta device, not matched by ``skip``, accepted by ``filter``. Every other
+    nn.Linear (subclasses included) is listed in the summary's ``skipped`` with the reason.
+
     Args:
         bits, group_size, symmetric, quantize_kwargs: as for dqgemm.quantize.
         filter: ``filter(name, module) -> bool``; layers for which it is False are skipped.
@@ -204,11 +256,10 @@ def quantize_model(model: nn.Module, bits: int = 4, group_size: int = 128,
         A QuantizationSummary (also printed with ``verbose=True``).
     """
     check_bits(bits)
-    if group_size not in SUPPORTED_GROUP_SIZES:
-        check_group_size(group_size)
+    check_group_size(group_size)
     ops.check_backend(backend)
     skip = tuple(skip)
-    linears = [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear]
+    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     summary = QuantizationSummary()
     show = progress if progress is not None else len(linears) >= 8
     iterator = linears
