@@ -272,9 +272,9 @@ def test_act_order_and_fractional_zero(bits):
 @pytest.mark.parametrize("mode", ["symmetric", "zero_points", "offsets"])
 @pytest.mark.parametrize("bits,group_size", [(4, 128), (4, 32), (8, -1), (8, 64)])
 def test_k_split_two(bits, group_size, mode, dtype):
-    """The 16-warp variant (two warp sets halving every stage's k) on its own: K = 576 has
-    a short last stage, K = 1536 whole ones; M up to 16 (the variant's range)."""
-    for n, k in ((576, 576), (1536, 1536), (200, 11008)):
+    """The 16-warp variant (two warp sets halving every stage's k) on its own: K = 640 has
+    a short last stage at 4-bit (2.5 stages of 256), K = 1536 whole ones; M up to 16."""
+    for n, k in ((576, 640), (1536, 1536), (200, 11008)):
         qw = _make(n, k, bits, group_size, mode, seed=n * 3 + k)
         prep = cd.prepare_decode(qw)
         w = qw.dequantize(torch.float64)
