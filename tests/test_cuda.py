@@ -78,10 +78,12 @@ def test_dequantize_kernel_matches_reference(case, out_dtype):
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         zeros = prepared.zero_points if mode == "zero_points" else prepared.offsets
-        dequantize_into(out, prepared.packed, prepared.scales, zeros, mode, prepared.act_index,
+        dequantize_into(out, prepared.packed, prepared.scales, zeros, mode, prepared.g_idx,
                         bits, gs)
     stream.synchronize()
     expected = qw.dequantize(torch.float32).to(out_dtype)
+    if prepared.act_index is not None:   # act-order: columns sorted by group at load time
+        expected = expected[:, prepared.act_index]
     # Same fp32 arithmetic, one rounding to out_dtype: identical up to fma contraction.
     torch.testing.assert_close(out, expected, rtol=1e-3 if out_dtype == torch.float16 else 8e-3,
                                atol=1e-6)
@@ -126,3 +128,21 @@ def test_quantlinear_cuda_matches_reference():
     assert_close_product(out.reshape(-1, 576), x.reshape(-1, 1536), q.dequantize(),
                          q.bias.float())
     torch.testing.assert_close(out, ref(x), rtol=2e-2, atol=2e-3)
+
+
+def test_dequant_gemm_prepare_sorts_act_order_groups():
+    """Act-order weights are sorted by group at load time (x is gathered once per call and
+    the dequantize kernel reads groups in order); only irregular groups keep the g_idx."""
+    kernel = dqgemm.registry.get_kernel("cuda_dequant_gemm")
+    regular = _qweight(64, 256, 4, 64, "symmetric", True, torch.float16, seed=3)
+    prepared = kernel.prepare(regular)
+    assert prepared.g_idx is None and prepared.act_index is not None
+    # the sorted weight, read in order, equals the original with its columns permuted
+    codes = dqgemm.format.unpack_codes(prepared.packed, 4, 256)
+    assert torch.equal(codes, regular.codes()[:, prepared.act_index])
+    g_idx = torch.arange(256, dtype=torch.int32) // 64
+    g_idx[0], g_idx[255] = 3, 0       # still in range, but group sizes stay 64 ...
+    g_idx[1] = 3                      # ... except these: group 3 holds 65 columns
+    irregular = regular.replace(g_idx=g_idx)
+    prepared = kernel.prepare(irregular)
+    assert prepared.act_index is None and torch.equal(prepared.g_idx, g_idx)

@@ -5,19 +5,34 @@ writes a dense [N, K] weight in x's dtype into a scratch buffer, then
 torch.nn.functional.linear (cuBLAS) multiplies. The extra pass moves K*N*(bits/8 + 2) bytes,
 so it pays off only where the GEMM itself is long (large M, the prefill regime).
 
-Prepared layout: canonical qdata/scales/g_idx on the GPU; zero points or offsets as fp32
-(the kernel's ``zeros`` operand). Constraints: CUDA device, fp16/bf16 activations.
+Prepared layout: canonical qdata/scales on the GPU; zero points or offsets as fp32 (the
+kernel's ``zeros`` operand). Act-order weights have their columns sorted by group at load
+time (act_order.contiguous_groups): ``act_index`` is then the permutation, applied to x's
+columns once per call, and the dequantize kernel reads groups in order (its fast path).
+Only a g_idx whose groups are not all of group_size columns (no contiguous layout exists)
+is kept as ``g_idx`` and looked up per element. Constraints: CUDA device, fp16/bf16
+activations.
 Test: tests/test_cuda.py. Benchmark: python -m dqgemm bench --backends cuda.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
 
 from .. import _ext, registry
+from ..act_order import contiguous_groups
 from ..format import effective_group_size, num_groups
+
+
+@dataclasses.dataclass
+class DequantPrepared(registry.PreparedWeight):
+    """``act_index``: column permutation of x (sorted act-order weight) or None;
+    ``g_idx``: int32 [K] group of each column, only for irregular act-order groups."""
+
+    g_idx: Optional[torch.Tensor] = None
 
 
 def dequantize_into(out: torch.Tensor, qdata: torch.Tensor, scales: torch.Tensor,
@@ -71,10 +86,15 @@ class CudaDequantGemmKernel(registry.Kernel):
     def prepare(self, qweight):
         def fp32(t):
             return None if t is None else t.float().contiguous()
-        return registry.PreparedWeight(
-            packed=qweight.qdata.contiguous(), scales=qweight.scales.contiguous(),
-            zero_points=fp32(qweight.zero_points), offsets=fp32(qweight.offsets),
-            act_index=None if qweight.g_idx is None else qweight.g_idx.contiguous())
+        try:
+            qw, perm = contiguous_groups(qweight)
+        except ValueError:   # groups of unequal sizes: keep the per-element lookup
+            qw, perm = qweight, None
+        return DequantPrepared(
+            packed=qw.qdata.contiguous(), scales=qw.scales.contiguous(),
+            zero_points=fp32(qw.zero_points), offsets=fp32(qw.offsets),
+            act_index=None if perm is None else perm.to(torch.int64).contiguous(),
+            g_idx=None if qw.g_idx is None else qw.g_idx.to(torch.int32).contiguous())
 
     def run(self, x, prepared, bias, spec):
         weight = torch.empty(spec.out_features, spec.in_features, dtype=x.dtype,
@@ -82,7 +102,9 @@ class CudaDequantGemmKernel(registry.Kernel):
         mode = zero_mode_of(prepared)
         zeros = prepared.zero_points if mode == "zero_points" else prepared.offsets
         dequantize_into(weight, prepared.packed, prepared.scales, zeros, mode,
-                        prepared.act_index, spec.bits, spec.group_size)
+                        prepared.g_idx, spec.bits, spec.group_size)
+        if prepared.act_index is not None:
+            x = x.index_select(x.dim() - 1, prepared.act_index)  # the one gather per call
         if bias is not None and bias.dtype != x.dtype:
             bias = bias.to(x.dtype)
         return torch.nn.functional.linear(x, weight, bias)
