@@ -33,8 +33,16 @@
 //   [n_tile][group (G_pad = K_pad / group_size, or 1 per-channel)][n16 = 8][r = 8][2]
 //   holding (p[row r], p[row r + 8]) of that n16 slice: one 32-bit load per lane.
 //
-// Tiles: a unit of work is (n_tile of 128 channels, k chunk of BK). Warps split the 128
-// channels (WN16 slices of 16 each, 8 / WN16 warps); no warp splits K inside a block.
+// Tiles: a unit of work is (n_tile of 128 channels, k chunk of BK; the last chunk of a tile
+// may be short, since K_pad is a multiple of 128 and BK can be 256). Warps split the 128
+// channels (WN16 slices of 16 each, 8 / WN16 warps); with KSPLIT = 2 a second set of warps
+// takes the second half of every chunk's k and the halves are summed in shared memory.
+//
+// Scales: symmetric and zero-point weights use folded scales (kFold): fragments hold the
+// exact integers q - z, the mma accumulate a group's products in fp32 group accumulators,
+// and each group's scale is applied to those in fp32 when the group ends (one fma per
+// code pair instead of two, and better rounding than scaling in fp16/bf16). Offsets
+// (w = q * s + o) are dequantized fully into the fragment instead.
 // Activations for the chunk (M rows x BK, XOR-swizzled 16-byte chunks) are loaded into
 // shared memory with the weights and read with ldmatrix.x4.
 //
