@@ -32,12 +32,12 @@ for bits in (4, 8):
             qw = dqgemm.quantize(torch.randn(n, k, device="cuda") * 0.02, bits, gs, symmetric=sym)
             prep = cd.prepare_decode(qw)
             w = qw.dequantize(torch.float64)
-            for m, k_split in ((1, 1), (1, 2), (9, 1), (9, 2), (33, 1), (64, 1)):
+            for m in (1, 9, 33, 64):
                 x = torch.randn(m, k, device="cuda").to(dtype)
                 outs = []
                 for _ in range(3):
                     o = torch.full((m, n), float("nan"), dtype=dtype, device="cuda")
-                    cd.decode_matmul(x, prep, None, out=o, k_split=k_split)
+                    cd.decode_matmul(x, prep, None, out=o)
                     outs.append(o)
                 ref = x.double() @ w.t()
                 err = ((outs[0].double() - ref).norm() / ref.norm()).item()
@@ -45,8 +45,7 @@ for bits in (4, 8):
                 ok = err <= (2e-3 if dtype == torch.float16 else 1e-2) and same
                 fails += not ok
                 res["checks"].append({"bits": bits, "dtype": str(dtype), "n": n, "k": k,
-                                      "gs": gs, "m": m, "k_split": k_split, "err": err,
-                                      "deterministic": same})
+                                      "gs": gs, "m": m, "err": err, "deterministic": same})
 # graph replay equals eager
 qw = dqgemm.quantize(torch.randn(1536, 6144, device="cuda") * 0.02, 4, 128)
 prep = cd.prepare_decode(qw)
@@ -76,29 +75,25 @@ B.HBM = bw  # the floor uses this run's copy bandwidth, not the H100's 3.0 TB/s
 res["copy_bandwidth_tbs"] = bw / 1e12
 print(f"copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
 fp16_cache = {}
-# (shape, bits, group, Ms, launch variants (blocks per SM or None = table, k_split))
-VARIANTS = ((None, 1), (None, 2), (3, 1), (1, 2))
-plan = [((8192, 28672), 4, 128, (1, 16), VARIANTS),
-        ((8192, 28672), 4, 128, (64,), ((None, 1),)),
-        ((4096, 4096), 4, 128, (1, 16), VARIANTS),
-        ((4096, 14336), 4, 128, (1, 16), VARIANTS),
-        ((8192, 28672), 8, -1, (1, 16), VARIANTS),
-        ((28672, 8192), 4, 128, (1, 16), VARIANTS)]
+plan = [((8192, 28672), 4, 128, (1, 16, 64), (None, 1, 3)),
+        ((4096, 4096), 4, 128, (1, 16, 64), (None,)),
+        ((4096, 14336), 4, 128, (1, 16), (None,)),
+        ((8192, 28672), 8, -1, (1, 16), (None,)),
+        ((28672, 8192), 4, 128, (1, 16), (None,))]
 for (k, n), bits, gs, ms, bpss in plan:
     qw, copies = B.prepared_copies(k, n, bits, gs, torch.float16)
     for m in ms:
         t16 = B.bench_fp16(k, n, m, fp16_cache)
         res["rows"].append({"K": k, "N": n, "M": m, "bits": 16, "us": t16})
         print(f"fp16 {k}x{n} M={m}: {t16:.1f} us", flush=True)
-        for bps, k_split in bpss:
-            t, _ = B.bench_decode(copies, qw, m, torch.float16, bps, check=False,
-                                  k_split=k_split)
+        for bps in bpss:
+            t, _ = B.bench_decode(copies, qw, m, torch.float16, bps, check=False)
             fl = B.floor_us(m, n, k, bits)
-            row = {"K": k, "N": n, "M": m, "bits": bits, "blocks_per_sm": bps,
-                   "k_split": k_split, "us": t, "floor_us": fl, "pct_floor": 100 * fl / t}
+            row = {"K": k, "N": n, "M": m, "bits": bits, "blocks_per_sm": bps, "us": t,
+                   "floor_us": fl, "pct_floor": 100 * fl / t}
             res["rows"].append(row)
-            print(f"int{bits} {k}x{n} M={m} bps={bps} k_split={k_split}: {t:.1f} us, "
-                  f"floor {fl:.1f}, {100 * fl / t:.0f}% ({time.time() - t0:.1f}s)", flush=True)
+            print(f"int{bits} {k}x{n} M={m} bps={bps}: {t:.1f} us, floor {fl:.1f}, "
+                  f"{100 * fl / t:.0f}% ({time.time() - t0:.1f}s)", flush=True)
             save()
     del copies, qw
     fp16_cache.clear()

@@ -17,8 +17,6 @@
 // fragments, the scale applied per group to fp32 accumulators; one fma per pair of codes
 // fewer); offset weights (w = q * s + o) the unfolded ones. M <= 64 has no room for the
 // second accumulator set and is never folded.
-// k_split = 2 (M <= 16 only, chosen per token tile in configs/cuda_decode.json): 16 warps
-// per block, each stage's k chunks halved between two sets of 8 (see Config::kKSplit).
 //
 // Why fewer warps per block as M grows: every warp reads the activation fragments of its
 // k step from shared memory, so the shared-memory traffic per weight byte grows with
@@ -67,14 +65,8 @@ template <typename T, int BITS>
 cudaError_t launch_tile(const DecodeGemmParams& p) {
   switch (decode_gemm_m_tile(p.m)) {
     // 16 KB of weights per stage at M <= 16 (BK = 256 at 4-bit, 128 at 8-bit).
-    case 8:
-      return p.k_split == 2
-                 ? launch_config<T, Config<BITS, 1, 1, BITS == 4 ? 256 : 128, 4, 2>>(p)
-                 : launch_config<T, Config<BITS, 1, 1, BITS == 4 ? 256 : 128, 4>>(p);
-    case 16:
-      return p.k_split == 2
-                 ? launch_config<T, Config<BITS, 2, 1, BITS == 4 ? 256 : 128, 3, 2>>(p)
-                 : launch_config<T, Config<BITS, 2, 1, BITS == 4 ? 256 : 128, BITS == 4 ? 3 : 4>>(p);
+    case 8: return launch_config<T, Config<BITS, 1, 1, BITS == 4 ? 256 : 128, 4>>(p);
+    case 16: return launch_config<T, Config<BITS, 2, 1, BITS == 4 ? 256 : 128, BITS == 4 ? 3 : 4>>(p);
     case 32: return launch_config<T, Config<BITS, 4, 2, 128, 4>>(p);
     case 64: return launch_config<T, Config<BITS, 8, 4, 64, 4>>(p);
     default: return cudaErrorInvalidValue;
@@ -106,7 +98,6 @@ cudaError_t launch_decode_gemm(const DecodeGemmParams& p) {
   if (decode_gemm_m_tile(p.m) == 0 || (p.bits != 4 && p.bits != 8) || !gs_ok ||
       p.k % 8 != 0 || p.k_pad % 128 != 0 || p.n_pad % 128 != 0 || p.k_pad < p.k ||
       p.n_pad < p.n || (reinterpret_cast<uintptr_t>(p.x) & 15u) != 0 ||
-      (p.k_split != 1 && !(p.k_split == 2 && decode_gemm_m_tile(p.m) <= 16)) ||
       p.weight == nullptr || p.scales == nullptr || p.y == nullptr || p.counters == nullptr ||
       p.workspace == nullptr ||
       (p.zero_mode != ZeroMode::kSymmetric && p.zo == nullptr)) {

@@ -35,8 +35,8 @@
 //
 // Tiles: a unit of work is (n_tile of 128 channels, k chunk of BK; the last chunk of a tile
 // may be short, since K_pad is a multiple of 128 and BK can be 256). Warps split the 128
-// channels (WN16 slices of 16 each, 8 / WN16 warps); with KSPLIT = 2 a second set of warps
-// takes the second half of every chunk's k and the halves are summed in shared memory.
+// channels (WN16 slices of 16 each, 8 / WN16 warps); no warp splits K inside a block (a
+// variant that did, 16 warps per block, was slower: bench/results/NOTES.md).
 //
 // Scales: symmetric and zero-point weights use folded scales (kFold): fragments hold the
 // exact integers q - z, the mma accumulate a group's products in fp32 group accumulators,
@@ -401,7 +401,7 @@ __device__ __forceinline__ void dequant_int8_bf16(uint32_t w0, uint32_t w1,
 // Tile configuration.
 // ---------------------------------------------------------------------------------------
 
-template <int BITS, int MT, int WN16, int BK, int STAGES, int KSPLIT = 1>
+template <int BITS, int MT, int WN16, int BK, int STAGES>
 struct Config {
   static constexpr int kBits = BITS;
   static constexpr int kMT = MT;                 // tiles of 8 tokens (M <= 8 * MT)
@@ -409,15 +409,8 @@ struct Config {
   static constexpr int kBK = BK;                 // k per pipeline stage
   static constexpr int kStages = STAGES;
   static constexpr int kBN = 128;                // channels per n_tile (layout constant)
-  static constexpr int kSliceWarps = 8 / WN16;   // warps that cover the 128 channels once
-  // KSPLIT = 2: a second set of slice warps takes the second half of every stage's k
-  // chunks (twice the warps per SM at the same shared memory: the kernel is latency-bound,
-  // ncu saw ~1 eligible warp per scheduler); the halves are summed in shared memory at
-  // the end of each segment.
-  static constexpr int kKSplit = KSPLIT;
-  static constexpr int kWarps = kSliceWarps * KSPLIT;
+  static constexpr int kWarps = 8 / WN16;
   static constexpr int kThreads = 32 * kWarps;
-  static constexpr int kMinBlocks = KSPLIT > 1 ? 2 : 1;   // __launch_bounds__ occupancy
   static constexpr int kSpan = BITS == 4 ? 64 : 32;        // k per 16-byte lane chunk
   static constexpr int kChunksPerStage = BK / kSpan;
   static constexpr int kK16PerChunk = kSpan / 16;
@@ -426,9 +419,7 @@ struct Config {
   static constexpr int kABytes = MT * 8 * BK * 2;
   static constexpr int kPBytes = (BK / 32) * 256;          // at most BK/32 groups per stage
   static constexpr int kStageBytes = kWBytes + kABytes + 2 * kPBytes;
-  static constexpr int kAccFloats = WN16 * MT * 4;         // accumulators per lane
-  static constexpr int kScratchBytes = KSPLIT > 1 ? kSliceWarps * 32 * kAccFloats * 4 : 0;
-  static constexpr int kSmemBytes = STAGES * kStageBytes + kScratchBytes;
+  static constexpr int kSmemBytes = STAGES * kStageBytes;
   // Folded scales need a second accumulator set (unscaled per-group sums): only where the
   // accumulators are few. Two such sets (even / odd k16 steps) where they are very few,
   // so consecutive mma do not wait on each other's result.
@@ -436,9 +427,6 @@ struct Config {
   static constexpr int kGroupAccSets = MT * WN16 <= 2 ? 2 : 1;
   static_assert(BK % kSpan == 0 && BK % 32 == 0, "BK must hold whole lane chunks and k32 pairs");
   static_assert(8 % WN16 == 0, "WN16 must divide 8");
-  static_assert(KSPLIT == 1 || KSPLIT == 2, "KSPLIT is 1 or 2");
-  static_assert(kChunksPerStage % KSPLIT == 0, "every k split takes whole lane chunks");
-  static_assert((kWBytes / 16) % kThreads == 0, "every thread copies whole 16-byte chunks");
 };
 
 // Owner block of unit u when U units are cut into G ranges [b*U/G, (b+1)*U/G).
@@ -457,7 +445,7 @@ __device__ __forceinline__ int64_t first_unit_of_block(int b, int64_t units, int
 // kFold: the scale is applied per group to fp32 accumulators of exact (q - z) products
 // (symmetric and zero-point weights; offsets w = q * s + o cannot be folded this way).
 template <typename T, typename Cfg, bool kFold>
-__global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
+__global__ void __launch_bounds__(Cfg::kThreads)
 decode_gemm_kernel(const DecodeGemmParams p) {
   using P = Pair<T>;
   static_assert(!kFold || Cfg::kCanFold, "this configuration has no room for folded scales");
@@ -469,9 +457,7 @@ decode_gemm_kernel(const DecodeGemmParams p) {
 
   const int tid = threadIdx.x;
   const int lane = tid & 31;
-  const int warp = (tid >> 5) % Cfg::kSliceWarps;   // which channel slices
-  const int ksplit = (tid >> 5) / Cfg::kSliceWarps;  // which half of the stage's k (KSPLIT 2)
-  constexpr int kChunksPerSplit = Cfg::kChunksPerStage / Cfg::kKSplit;
+  const int warp = tid >> 5;
   const int m_rows = static_cast<int>(p.m);
   const int64_t n_out = p.n;
   const int64_t k_real = p.k;
@@ -637,7 +623,6 @@ decode_gemm_kernel(const DecodeGemmParams p) {
 #pragma unroll
     for (int cb = 0; cb < Cfg::kChunksPerStage; ++cb) {
       if (cb >= kb_here) break;  // short last stage of the tile (uniform)
-      if (Cfg::kKSplit > 1 && cb / kChunksPerSplit != ksplit) continue;  // the other half's
       uint4 wq[kWN16];
 #pragma unroll
       for (int i = 0; i < kWN16; ++i) {
@@ -646,11 +631,7 @@ decode_gemm_kernel(const DecodeGemmParams p) {
 #pragma unroll
       for (int j = 0; j < Cfg::kK16PerChunk; ++j) {
         const int ks = cb * Cfg::kK16PerChunk + j;  // k16 step inside the stage
-        // A group starts here, or this is the first k16 step this warp does in the stage
-        // (always at stage start with KSPLIT 1; with KSPLIT 2 the second half starts
-        // inside the stage, possibly inside a group).
-        const bool first_of_split = (cb % kChunksPerSplit) == 0 && j == 0;  // unrolled: constant
-        if (first_of_split || ((ks * 16) & gs_mask) == 0) {
+        if (((ks * 16) & gs_mask) == 0) {  // a group starts (at least every stage)
           fold();
           const int gl = (ks * 16) >> gs_log2;
 #pragma unroll
@@ -720,30 +701,6 @@ decode_gemm_kernel(const DecodeGemmParams p) {
     // ---- end of a segment (n_tile boundary or end of range): epilogue ----
     if (kc == kc_per_tile - 1 || u + 1 == u_end) {
       fold();
-      if constexpr (Cfg::kKSplit > 1) {
-        // the second k half hands its sums to the first through shared memory
-        // ([slice warp][accumulator][lane]: conflict-free), then only the first half writes
-        float* scratch = reinterpret_cast<float*>(smem + kStages * Cfg::kStageBytes);
-        float* mine = scratch + warp * Cfg::kAccFloats * 32 + lane;
-        if (ksplit == 1) {
-#pragma unroll
-          for (int i = 0; i < kWN16; ++i)
-#pragma unroll
-            for (int mt = 0; mt < kMT; ++mt)
-#pragma unroll
-              for (int e = 0; e < 4; ++e) mine[((i * kMT + mt) * 4 + e) * 32] = acc[i][mt][e];
-        }
-        __syncthreads();
-        if (ksplit == 0) {
-#pragma unroll
-          for (int i = 0; i < kWN16; ++i)
-#pragma unroll
-            for (int mt = 0; mt < kMT; ++mt)
-#pragma unroll
-              for (int e = 0; e < 4; ++e) acc[i][mt][e] += mine[((i * kMT + mt) * 4 + e) * 32];
-        }
-      }
-      const bool writer = ksplit == 0;
       const bool full = seg_kc_begin == 0 && kc == kc_per_tile - 1;
       const int64_t n_tile0 = tile * kBN;
       const T* bias = static_cast<const T*>(p.bias);
@@ -757,7 +714,7 @@ decode_gemm_kernel(const DecodeGemmParams p) {
             for (int e = 0; e < 4; ++e) {
               const int m = mt * 8 + (lane & 3) * 2 + (e & 1);
               const int64_t n = n_tile0 + (warp * kWN16 + i) * 16 + (lane >> 2) + (e >> 1) * 8;
-              if (writer && m < m_rows && n < n_out) {
+              if (m < m_rows && n < n_out) {
                 float v = acc[i][mt][e];
                 if (bias != nullptr) v += P::to_float(bias[n]);
                 y[m * n_out + n] = P::from_float(v);
@@ -775,7 +732,7 @@ decode_gemm_kernel(const DecodeGemmParams p) {
             for (int e = 0; e < 4; ++e) {
               const int m = mt * 8 + (lane & 3) * 2 + (e & 1);
               const int nl = (warp * kWN16 + i) * 16 + (lane >> 2) + (e >> 1) * 8;
-              if (writer && m < m_rows) __stcg(ws + m * kBN + nl, acc[i][mt][e]);
+              if (m < m_rows) __stcg(ws + m * kBN + nl, acc[i][mt][e]);
             }
         __threadfence();
         __syncthreads();

@@ -70,8 +70,6 @@ struct DecodeGemmParams {
   int bits = 4;
   DType dtype = DType::kFloat16;  // activations, output, group parameters
   ZeroMode zero_mode = ZeroMode::kSymmetric;
-  int k_split = 1;                // 1 or 2 warp sets per block splitting each stage's k
-                                  // (2 only for M <= 16; configs/cuda_decode.json)
   int grid = 0;                   // blocks (stream-K ranges); <= units
   cudaStream_t stream = nullptr;
 };

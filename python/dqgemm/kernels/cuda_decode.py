@@ -224,19 +224,6 @@ def launch_table() -> Dict[str, Dict[str, int]]:
     return _config()["blocks_per_sm"]
 
 
-def k_split_table() -> Dict[str, Dict[str, int]]:
-    """configs/cuda_decode.json: warp sets per block splitting each stage's k (1 or 2; 2 is
-    compiled for M <= 16 only), by weight bits and token tile."""
-    return _config().get("k_split", {})
-
-
-def k_split_for(m: int, bits: int) -> int:
-    tile = m_tile(m)
-    if tile > 16:
-        return 1
-    return int(k_split_table().get(f"int{bits}", {}).get(str(tile), 1))
-
-
 def max_splits_table() -> Dict[str, int]:
     """configs/cuda_decode.json: most blocks sharing one 128-channel tile, by token tile."""
     return _config()["max_splits_per_tile"]
@@ -298,12 +285,10 @@ def workspace(device: torch.device, stream: int, floats: int, tiles: int):
 
 def decode_matmul(x: torch.Tensor, prepared: DecodePrepared, bias: Optional[torch.Tensor],
                   blocks_per_sm: Optional[int] = None,
-                  out: Optional[torch.Tensor] = None,
-                  k_split: Optional[int] = None) -> torch.Tensor:
+                  out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """y = x @ W^T (+ bias) with the decode kernel. x: contiguous [M, K] fp16/bf16 on the
-    weight's device, 1 <= M <= 64. ``blocks_per_sm`` and ``k_split`` (1, or 2 for M <= 16)
-    override the launch table (tuning); ``out`` is an optional contiguous [M, N] result
-    buffer of x's dtype (tests poison it)."""
+    weight's device, 1 <= M <= 64. ``blocks_per_sm`` overrides the launch table (tuning);
+    ``out`` is an optional contiguous [M, N] result buffer of x's dtype (tests poison it)."""
     ext = _ext.extension()
     if ext is None:
         raise RuntimeError(f"dqgemm CUDA extension {_ext.extension_error()}")
@@ -314,10 +299,6 @@ def decode_matmul(x: torch.Tensor, prepared: DecodePrepared, bias: Optional[torc
         raise ValueError(f"x: expected 1..{M_MAX} rows for cuda_decode, got {m}")
     if x.dtype not in (torch.float16, torch.bfloat16):
         raise TypeError(f"x: expected float16 or bfloat16, got {x.dtype}")
-    if k_split is None:
-        k_split = k_split_for(m, prepared.bits)
-    elif k_split not in (1, 2) or (k_split == 2 and m_tile(m) > 16):
-        raise ValueError(f"k_split: expected 1, or 2 for M <= 16, got {k_split} at M = {m}")
     if prepared.act_index is not None:
         x = x.index_select(1, prepared.act_index)   # the one activation gather per call
     if not x.is_contiguous() or x.data_ptr() % 16:
@@ -351,7 +332,7 @@ def decode_matmul(x: torch.Tensor, prepared: DecodePrepared, bias: Optional[torc
         groups_padded=groups_padded(k, prepared.group_size),
         group_size_log2=group_size_log2(k, prepared.group_size), bits=prepared.bits,
         dtype=_ext.dtype_code(x.dtype, "x"), zero_mode=_ext.ZERO_MODE_CODES[prepared.zero_mode],
-        k_split=k_split, grid=grid, stream=stream)
+        grid=grid, stream=stream)
     return y
 
 
