@@ -78,12 +78,12 @@ __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
-// Weights are read once: prefetch 256 bytes into L2 per request (the weight stream is
-// contiguous, so the neighbouring sectors are always wanted). This is a size hint, not an
-// eviction policy; createpolicy-based evict_first hints are avoided on purpose (they
-// misbehaved on H100 in public kernels).
+// Weights are read once, straight into shared memory (.cg: not through L1). No L2
+// prefetch-size hint: bench/stream_probe.cu read 4.34 TB/s without .L2::256B and 4.15 TB/s
+// with it on an H200 (same ring of 4 x 16 KB cp.async stages); createpolicy-based
+// evict_first hints are avoided on purpose (they misbehaved on H100 in public kernels).
 __device__ __forceinline__ void cp_async16_stream(uint32_t dst, const void* src) {
-  asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16;\n" ::"r"(dst), "l"(src));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src));
 }
 
 // Activations / group parameters: src_bytes = 0 fills the 16 bytes with zeros.
@@ -206,6 +206,27 @@ __device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&c)[4], const uin
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// c = a * b (no accumulator input): the first mma of a group in the folded-scale kernels,
+// so the group accumulators never need clearing.
+template <typename T>
+__device__ __forceinline__ void mma16816_first(float (&c)[4], const uint32_t (&a)[4],
+                                               uint32_t b0, uint32_t b1) {
+  constexpr bool kF16 = std::is_same_v<T, __half>;
+  if constexpr (kF16) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
+        "{%4, %5, %6, %7}, {%8, %9}, {%10, %10, %10, %10};\n"
+        : "=f"(c[0]), "=f"(c[1]), "=f"(c[2]), "=f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(0.f));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
+        "{%4, %5, %6, %7}, {%8, %9}, {%10, %10, %10, %10};\n"
+        : "=f"(c[0]), "=f"(c[1]), "=f"(c[2]), "=f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(0.f));
+  }
+}
+
 // ---------------------------------------------------------------------------------------
 // Group parameters of one 16-row slice, for the two rows (r, r + 8) a lane touches.
 // Dequantization of a code pair x (already OR-ed into the magic exponent) is
@@ -236,37 +257,56 @@ __device__ __forceinline__ T bits_to(uint32_t w) {
 __device__ __forceinline__ uint32_t lo_pair(uint32_t w) { return prmt(w, w, 0x1010); }
 __device__ __forceinline__ uint32_t hi_pair(uint32_t w) { return prmt(w, w, 0x3232); }
 
+// Loop-invariant biases, computed once per thread: -magic for the pair at the low nibble /
+// byte and for the high one, and the symmetric -(magic + 2^(bits-1)) of both.
+struct GroupConsts {
+  uint32_t neg_magic, neg_magic_hi, nz_sym_lo, nz_sym_hi;
+};
+
 template <typename T, int BITS>
-__device__ __forceinline__ void load_group(GroupRegs& g, uint32_t s_addr, uint32_t zo_addr,
-                                           int mode) {
+__device__ __forceinline__ GroupConsts group_consts() {
   using P = Pair<T>;
-  const uint32_t sw = lds32(s_addr);
-  g.s_lo = lo_pair(sw);
-  g.s_hi = hi_pair(sw);
-  g.fs_lo = P::to_float(bits_to<T>(sw & 0xFFFFu));
-  g.fs_hi = P::to_float(bits_to<T>(sw >> 16));
-  // magic for the pair that sits at the low nibble / byte
-  const uint32_t neg_magic = P::fma(P::kMagic, P::kNegOne, 0u);
+  GroupConsts c;
+  c.neg_magic = P::fma(P::kMagic, P::kNegOne, 0u);
   constexpr bool kF16Int4 = BITS == 4 && sizeof(T) == 2 && P::kMagic == 0x64006400u;
   // fp16 4-bit: the odd nibbles come out as 1024 + 16 q and are scaled by 1/16 first,
   // so their bias is 64 + z.
-  const uint32_t neg_magic_hi = kF16Int4 ? 0xD400D400u /* -64 */ : neg_magic;
+  c.neg_magic_hi = kF16Int4 ? 0xD400D400u /* -64 */ : c.neg_magic;
+  const uint32_t zsym = P::splat(static_cast<float>(1 << (BITS - 1)));
+  c.nz_sym_lo = P::fma(zsym, P::kNegOne, c.neg_magic);
+  c.nz_sym_hi = P::fma(zsym, P::kNegOne, c.neg_magic_hi);
+  return c;
+}
+
+// kPairs: also the scale / offset pairs that the unfolded dequantization multiplies by (the
+// folded kernels need only the fp32 scales and the biases).
+template <typename T, bool kPairs>
+__device__ __forceinline__ void load_group(GroupRegs& g, uint32_t s_addr, uint32_t zo_addr,
+                                           int mode, const GroupConsts& c) {
+  using P = Pair<T>;
+  const uint32_t sw = lds32(s_addr);
+  if constexpr (kPairs) {
+    g.s_lo = lo_pair(sw);
+    g.s_hi = hi_pair(sw);
+  }
+  g.fs_lo = P::to_float(bits_to<T>(sw & 0xFFFFu));
+  g.fs_hi = P::to_float(bits_to<T>(sw >> 16));
+  g.o_lo = g.o_hi = 0u;
   if (mode == static_cast<int>(ZeroMode::kZeroPoint)) {
     const uint32_t zw = lds32(zo_addr);
-    g.nz_lo = P::fma(lo_pair(zw), P::kNegOne, neg_magic);
-    g.nz_hi = P::fma(hi_pair(zw), P::kNegOne, neg_magic_hi);
-    g.o_lo = g.o_hi = 0u;
+    g.nz_lo = P::fma(lo_pair(zw), P::kNegOne, c.neg_magic);
+    g.nz_hi = P::fma(hi_pair(zw), P::kNegOne, c.neg_magic_hi);
   } else if (mode == static_cast<int>(ZeroMode::kOffset)) {
     const uint32_t ow = lds32(zo_addr);
-    g.nz_lo = neg_magic;
-    g.nz_hi = neg_magic_hi;
-    g.o_lo = lo_pair(ow);
-    g.o_hi = hi_pair(ow);
+    g.nz_lo = c.neg_magic;
+    g.nz_hi = c.neg_magic_hi;
+    if constexpr (kPairs) {
+      g.o_lo = lo_pair(ow);
+      g.o_hi = hi_pair(ow);
+    }
   } else {
-    const uint32_t zsym = P::splat(static_cast<float>(1 << (BITS - 1)));
-    g.nz_lo = P::fma(zsym, P::kNegOne, neg_magic);
-    g.nz_hi = P::fma(zsym, P::kNegOne, neg_magic_hi);
-    g.o_lo = g.o_hi = 0u;
+    g.nz_lo = c.nz_sym_lo;
+    g.nz_hi = c.nz_sym_hi;
   }
 }
 
@@ -468,7 +508,6 @@ decode_gemm_kernel(const DecodeGemmParams p) {
   const int64_t units = (p.n_pad / kBN) * kc_per_tile;
   const int grid = gridDim.x;
   const int gs_log2 = p.group_size_log2;
-  const int gs_mask = (1 << gs_log2) - 1;
   const int64_t groups_per_tile = p.groups_padded;
   const int groups_per_stage = (kBK >> gs_log2) > 0 ? (kBK >> gs_log2) : 1;
   const int mode = static_cast<int>(p.zero_mode);
@@ -536,7 +575,8 @@ decode_gemm_kernel(const DecodeGemmParams p) {
 
   // acc: the block's sums for the current segment. With kFold, the mma accumulate exact
   // (q - z) * x products of the current group into gacc (kGroupAccSets sets, alternating
-  // by k16 step), and fold() adds scale * gacc into acc whenever a group ends.
+  // by k16 step; a group's first mma of each set writes it without reading it), and fold()
+  // adds scale * gacc into acc when the next group starts and at the end of a segment.
   constexpr int kSets = kFold ? Cfg::kGroupAccSets : 1;
   float acc[kWN16][kMT][4];
   float gacc[kSets][kWN16][kMT][4];
@@ -565,13 +605,45 @@ decode_gemm_kernel(const DecodeGemmParams p) {
 #pragma unroll
             for (int h = 1; h < kSets; ++h) v += gacc[h][i][mt][e];
             acc[i][mt][e] = fmaf(v, fscale[i][e >> 1], acc[i][mt][e]);
+          }
+    }
+  };
+  // After the fold at a segment's end: the next stage's first fold must add nothing.
+  auto clear_groups = [&]() {
+    if constexpr (kFold) {
+#pragma unroll
+      for (int i = 0; i < kWN16; ++i)
+#pragma unroll
+        for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
 #pragma unroll
             for (int h = 0; h < kSets; ++h) gacc[h][i][mt][e] = 0.f;
-          }
     }
   };
   GroupRegs g[kWN16];
   GroupRegsF32 gf[kWN16];
+  const GroupConsts gconst = group_consts<T, kBits>();
+
+  // Per-thread parts of the ldmatrix addresses (bytes from a stage's activation tile). The
+  // 16-byte chunk c of row r sits at chunk c ^ (r & 7); with the compile-time k16 step
+  // split off, what is left is one of a few per-thread constants:
+  //   M <= 8: rows lane & 7, chunks 2 ks + (lane >> 3) for even ks, so the offset is
+  //           128 (ks / 4) + xoff[(ks / 2) & 1], xoff[h] = row * 2BK + 16 ((4h + (lane >> 3)) ^ r)
+  //   else:   rows mt 8 + 8 (lane >> 4) + (lane & 7), chunks 2 ks + ((lane >> 3) & 1), so
+  //           mt 8 * 2BK + 128 (ks / 4) + xoff[ks % 4], xoff[q] = row0 * 2BK + 16 ((2q + h) ^ r)
+  uint32_t xoff[4];
+  {
+    const int r = lane & 7;
+    const bool one_tile = kMT == 1;
+    const int row0 = one_tile ? r : ((lane >> 4) << 3) + r;
+    const int hi = one_tile ? (lane >> 3) : ((lane >> 3) & 1);
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const int chunk = one_tile ? 4 * (q & 1) + hi : 2 * q + hi;
+      xoff[q] = row0 * kBK * 2 + 16 * (chunk ^ r);
+    }
+  }
 
   const int64_t first_tile = u_begin / kc_per_tile;
   int64_t load_tile = first_tile;
@@ -618,89 +690,108 @@ decode_gemm_kernel(const DecodeGemmParams p) {
     const uint32_t z_st = s_st + Cfg::kPBytes;
     const int kb_here = static_cast<int>(k_blocks_per_tile -
                                          static_cast<int64_t>(kc) * Cfg::kChunksPerStage);
-    uint32_t bfrag[kMT][2];
-    uint32_t bpair[4];
+    // One stage. kG = k16 steps per group inside it (a compile-time constant, so group
+    // starts, folds and first-of-group mma are placed at compile time; per-channel weights
+    // and groups longer than the stage start a "group" at every stage: same parameters).
+    auto compute_stage = [&](auto group_steps) {
+      constexpr int kG = decltype(group_steps)::value;
+      uint32_t bfrag[kMT][2];
+      [[maybe_unused]] uint32_t bpair[4];  // M <= 8 only
 #pragma unroll
-    for (int cb = 0; cb < Cfg::kChunksPerStage; ++cb) {
-      if (cb >= kb_here) break;  // short last stage of the tile (uniform)
-      uint4 wq[kWN16];
-#pragma unroll
-      for (int i = 0; i < kWN16; ++i) {
-        wq[i] = lds128(st + ((cb * 8 + warp * kWN16 + i) * 32 + lane) * 16);
-      }
-#pragma unroll
-      for (int j = 0; j < Cfg::kK16PerChunk; ++j) {
-        const int ks = cb * Cfg::kK16PerChunk + j;  // k16 step inside the stage
-        if (((ks * 16) & gs_mask) == 0) {  // a group starts (at least every stage)
-          fold();
-          const int gl = (ks * 16) >> gs_log2;
-#pragma unroll
-          for (int i = 0; i < kWN16; ++i) {
-            const uint32_t off = gl * 256 + (warp * kWN16 + i) * 32 + (lane >> 2) * 4;
-            if constexpr (kF32Path) {
-              load_group_f32(gf[i], s_st + off, z_st + off, mode);
-              fscale[i][0] = gf[i].s_lo;
-              fscale[i][1] = gf[i].s_hi;
-            } else {
-              load_group<T, kBits>(g[i], s_st + off, z_st + off, mode);
-              fscale[i][0] = g[i].fs_lo;
-              fscale[i][1] = g[i].fs_hi;
-            }
-          }
-        }
-        // B fragments (2 registers per token tile and k16 step) with ldmatrix.x4: one
-        // token tile over two k16 steps when M <= 8, else two token tiles over one step
-        // (fewer live registers at large M).
-        if constexpr (kMT == 1) {
-          if ((ks & 1) == 0) {
-            const int row = lane & 7;
-            const int chunk = ks * 2 + (lane >> 3);
-            ldmatrix_x4(bpair, a_st + row * kBK * 2 + ((chunk ^ (lane & 7)) * 16));
-          }
-          bfrag[0][0] = (ks & 1) ? bpair[2] : bpair[0];
-          bfrag[0][1] = (ks & 1) ? bpair[3] : bpair[1];
-        } else {
-#pragma unroll
-          for (int mt = 0; mt < kMT; mt += 2) {
-            const int row = mt * 8 + ((lane >> 4) << 3) + (lane & 7);
-            const int chunk = ks * 2 + ((lane >> 3) & 1);
-            uint32_t r[4];
-            ldmatrix_x4(r, a_st + row * kBK * 2 + ((chunk ^ (lane & 7)) * 16));
-            bfrag[mt][0] = r[0];
-            bfrag[mt][1] = r[1];
-            bfrag[mt + 1][0] = r[2];
-            bfrag[mt + 1][1] = r[3];
-          }
-        }
+      for (int cb = 0; cb < Cfg::kChunksPerStage; ++cb) {
+        if (cb >= kb_here) break;  // short last stage of the tile (uniform)
+        uint4 wq[kWN16];
 #pragma unroll
         for (int i = 0; i < kWN16; ++i) {
-          uint32_t a[4];
-          if constexpr (kBits == 4) {
-            const uint32_t q = j == 0 ? wq[i].x : j == 1 ? wq[i].y : j == 2 ? wq[i].z : wq[i].w;
-            dequant_int4<T, !kFold>(q, g[i], a);
-          } else if constexpr (kF32Path) {
-            dequant_int8_bf16<!kFold>(j == 0 ? wq[i].x : wq[i].z, j == 0 ? wq[i].y : wq[i].w,
-                                      gf[i], a);
+          wq[i] = lds128(st + ((cb * 8 + warp * kWN16 + i) * 32 + lane) * 16);
+        }
+#pragma unroll
+        for (int j = 0; j < Cfg::kK16PerChunk; ++j) {
+          const int ks = cb * Cfg::kK16PerChunk + j;  // k16 step inside the stage
+          if (ks % kG == 0) {  // a group starts
+            fold();
+            const int gl = ks / kG;
+#pragma unroll
+            for (int i = 0; i < kWN16; ++i) {
+              const uint32_t off = gl * 256 + (warp * kWN16 + i) * 32 + (lane >> 2) * 4;
+              if constexpr (kF32Path) {
+                load_group_f32(gf[i], s_st + off, z_st + off, mode);
+                fscale[i][0] = gf[i].s_lo;
+                fscale[i][1] = gf[i].s_hi;
+              } else {
+                load_group<T, !kFold>(g[i], s_st + off, z_st + off, mode, gconst);
+                fscale[i][0] = g[i].fs_lo;
+                fscale[i][1] = g[i].fs_hi;
+              }
+            }
+          }
+          // B fragments (2 registers per token tile and k16 step) with ldmatrix.x4: one
+          // token tile over two k16 steps when M <= 8, else two token tiles over one step
+          // (fewer live registers at large M).
+          if constexpr (kMT == 1) {
+            if ((ks & 1) == 0) {
+              ldmatrix_x4(bpair, a_st + xoff[(ks >> 1) & 1] + 128 * (ks >> 2));
+            }
+            bfrag[0][0] = (ks & 1) ? bpair[2] : bpair[0];
+            bfrag[0][1] = (ks & 1) ? bpair[3] : bpair[1];
           } else {
-            dequant_int8_f16<!kFold>(j == 0 ? wq[i].x : wq[i].z, j == 0 ? wq[i].y : wq[i].w,
-                                     g[i], a);
+#pragma unroll
+            for (int mt = 0; mt < kMT; mt += 2) {
+              uint32_t r[4];
+              ldmatrix_x4(r, a_st + xoff[ks & 3] + mt * 8 * kBK * 2 + 128 * (ks >> 2));
+              bfrag[mt][0] = r[0];
+              bfrag[mt][1] = r[1];
+              bfrag[mt + 1][0] = r[2];
+              bfrag[mt + 1][1] = r[3];
+            }
           }
 #pragma unroll
-          for (int mt = 0; mt < kMT; ++mt) {
-            if constexpr (kFold) {
-              mma16816<T>(gacc[ks % kSets][i][mt], a, bfrag[mt][0], bfrag[mt][1]);
+          for (int i = 0; i < kWN16; ++i) {
+            uint32_t a[4];
+            if constexpr (kBits == 4) {
+              const uint32_t q = j == 0 ? wq[i].x : j == 1 ? wq[i].y : j == 2 ? wq[i].z : wq[i].w;
+              dequant_int4<T, !kFold>(q, g[i], a);
+            } else if constexpr (kF32Path) {
+              dequant_int8_bf16<!kFold>(j == 0 ? wq[i].x : wq[i].z, j == 0 ? wq[i].y : wq[i].w,
+                                        gf[i], a);
             } else {
-              mma16816<T>(acc[i][mt], a, bfrag[mt][0], bfrag[mt][1]);
+              dequant_int8_f16<!kFold>(j == 0 ? wq[i].x : wq[i].z, j == 0 ? wq[i].y : wq[i].w,
+                                       g[i], a);
+            }
+#pragma unroll
+            for (int mt = 0; mt < kMT; ++mt) {
+              if constexpr (kFold) {
+                if (ks % kG < kSets) {
+                  mma16816_first<T>(gacc[ks % kSets][i][mt], a, bfrag[mt][0], bfrag[mt][1]);
+                } else {
+                  mma16816<T>(gacc[ks % kSets][i][mt], a, bfrag[mt][0], bfrag[mt][1]);
+                }
+              } else {
+                mma16816<T>(acc[i][mt], a, bfrag[mt][0], bfrag[mt][1]);
+              }
             }
           }
         }
       }
+    };
+    // Groups per stage are uniform at run time: one branch per stage picks the variant.
+    constexpr int kSteps = Cfg::kK16PerStage;
+    const int group_steps = gs_log2 - 4 >= 8 ? kSteps : min(kSteps, 1 << (gs_log2 - 4));
+    if (group_steps <= 2) {
+      compute_stage(std::integral_constant<int, (kSteps < 2 ? kSteps : 2)>{});
+    } else if (group_steps == 4) {
+      compute_stage(std::integral_constant<int, (kSteps < 4 ? kSteps : 4)>{});
+    } else if (group_steps == 8) {
+      compute_stage(std::integral_constant<int, (kSteps < 8 ? kSteps : 8)>{});
+    } else {
+      compute_stage(std::integral_constant<int, kSteps>{});
     }
     stage = stage + 1 == kStages ? 0 : stage + 1;
 
     // ---- end of a segment (n_tile boundary or end of range): epilogue ----
     if (kc == kc_per_tile - 1 || u + 1 == u_end) {
       fold();
+      clear_groups();
       const bool full = seg_kc_begin == 0 && kc == kc_per_tile - 1;
       const int64_t n_tile0 = tile * kBN;
       const T* bias = static_cast<const T*>(p.bias);
