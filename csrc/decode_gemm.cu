@@ -4,8 +4,9 @@
 // described in decode_gemm.cuh. This file picks one configuration per token tile:
 //
 //   M <= 8 : 8 warps, 1 slice of 16 channels each, 1 token tile,  4 stages of BK = 256 (4-bit)
-//            or 128 (8-bit): 16 KB of weights per stage
+//            or 128 (8-bit): 16 KB of weights per stage (3 stages when 3 blocks share an SM)
 //   M <= 16: 8 warps, 1 slice each,               2 token tiles, 3 stages of 16 KB likewise
+//            (4 at 8-bit; 2 when 3 blocks share an SM)
 //   M <= 32: 4 warps, 2 slices each,              4 token tiles, BK = 128, 4 stages
 //   M <= 64: 2 warps, 4 slices each,              8 token tiles, BK = 64,  4 stages
 //
@@ -65,8 +66,16 @@ template <typename T, int BITS>
 cudaError_t launch_tile(const DecodeGemmParams& p) {
   switch (decode_gemm_m_tile(p.m)) {
     // 16 KB of weights per stage at M <= 16 (BK = 256 at 4-bit, 128 at 8-bit).
-    case 8: return launch_config<T, Config<BITS, 1, 1, BITS == 4 ? 256 : 128, 4>>(p);
-    case 16: return launch_config<T, Config<BITS, 2, 1, BITS == 4 ? 256 : 128, BITS == 4 ? 3 : 4>>(p);
+    // Ring depth follows the blocks per SM the grid was sized for (configs/cuda_decode.json):
+    // the deepest ring with which that many blocks fit in the SM's shared memory.
+    case 8:
+      return p.blocks_per_sm >= 3
+                 ? launch_config<T, Config<BITS, 1, 1, BITS == 4 ? 256 : 128, 3>>(p)
+                 : launch_config<T, Config<BITS, 1, 1, BITS == 4 ? 256 : 128, 4>>(p);
+    case 16:
+      return p.blocks_per_sm >= 3
+                 ? launch_config<T, Config<BITS, 2, 1, BITS == 4 ? 256 : 128, 2>>(p)
+                 : launch_config<T, Config<BITS, 2, 1, BITS == 4 ? 256 : 128, BITS == 4 ? 3 : 4>>(p);
     case 32: return launch_config<T, Config<BITS, 4, 2, 128, 4>>(p);
     case 64: return launch_config<T, Config<BITS, 8, 4, 64, 4>>(p);
     default: return cudaErrorInvalidValue;

@@ -70,6 +70,8 @@ struct DecodeGemmParams {
   int bits = 4;
   DType dtype = DType::kFloat16;  // activations, output, group parameters
   ZeroMode zero_mode = ZeroMode::kSymmetric;
+  int blocks_per_sm = 2;          // resident blocks per SM the grid was sized for: at
+                                  // M <= 16, 3 picks a shallower ring that lets 3 fit
   int grid = 0;                   // blocks (stream-K ranges); <= units
   cudaStream_t stream = nullptr;
 };

@@ -332,3 +332,26 @@ def test_import_without_gpu_does_not_touch_cuda():
     # the module imported at collection time; no extension call happened on import
     assert cd.CudaDecodeKernel.name == "cuda_decode"
     assert _ext.DTYPE_CODES[torch.float16] == 0
+
+
+@gpu
+@pytest.mark.parametrize("bits", [4, 8])
+def test_three_blocks_per_sm_ring(bits):
+    """blocks_per_sm = 3 launches the shallower ring (3 stages at M <= 8, 2 at M <= 16)."""
+    qw = _make(1536, 1536, bits, 64, "zero_points", seed=11)
+    prep = cd.prepare_decode(qw)
+    w = qw.dequantize(torch.float64)
+    for m in (1, 16):
+        x = torch.randn(m, 1536, generator=torch.Generator().manual_seed(m)).half().cuda()
+        out = torch.full((m, 1536), float("nan"), dtype=torch.float16, device="cuda")
+        cd.decode_matmul(x, prep, None, blocks_per_sm=3, out=out)
+        ref = x.double() @ w.t()
+        err = ((out.double() - ref).norm() / ref.norm()).item()
+        assert err <= TOL[torch.float16], f"M={m}: {err:.3e}"
+
+
+def test_blocks_per_sm_argument_checked():
+    qw = dqgemm.quantize(torch.randn(128, 128) * 0.02, 4, 128)
+    prep = cd.prepare_decode(qw)
+    with pytest.raises(ValueError, match="blocks_per_sm"):
+        cd.decode_matmul(torch.randn(1, 128, dtype=torch.float16), prep, None, blocks_per_sm=0)

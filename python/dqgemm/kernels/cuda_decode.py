@@ -313,6 +313,10 @@ def decode_matmul(x: torch.Tensor, prepared: DecodePrepared, bias: Optional[torc
     n = prepared.n
     n_pad, k_pad = padded_sizes(n, k)
     device = x.device
+    if blocks_per_sm is None:
+        blocks_per_sm = int(launch_table()[f"int{prepared.bits}"][str(m_tile(m))])
+    elif not isinstance(blocks_per_sm, int) or blocks_per_sm < 1:
+        raise ValueError(f"blocks_per_sm: expected an int >= 1, got {blocks_per_sm!r}")
     grid = grid_size(m, n, k, prepared.bits, device.index, blocks_per_sm)
     stream = _ext.stream_handle(device)
     ws, counters = workspace(device, stream, 2 * grid * m * TILE_N, n_pad // TILE_N)
@@ -332,7 +336,7 @@ def decode_matmul(x: torch.Tensor, prepared: DecodePrepared, bias: Optional[torc
         groups_padded=groups_padded(k, prepared.group_size),
         group_size_log2=group_size_log2(k, prepared.group_size), bits=prepared.bits,
         dtype=_ext.dtype_code(x.dtype, "x"), zero_mode=_ext.ZERO_MODE_CODES[prepared.zero_mode],
-        grid=grid, stream=stream)
+        blocks_per_sm=blocks_per_sm, grid=grid, stream=stream)
     return y
 
 
