@@ -4,11 +4,13 @@
 
 Reads the records of `python -m dqgemm bench --backends ...,kernels --json RESULTS.json`
 (each explicit dqgemm kernel timed on the same cases), finds the fastest kernel for every
-(bits, M, shape), and turns the per-M majority winners into rules for
-python/dqgemm/configs/dispatch.json: consecutive measured M with the same winner form one
-M range, and a boundary between two measured M lies at their geometric midpoint. Every
-rule's note names the file and the evidence (wins out of shapes, worst loss of the chosen
-kernel against the fastest one). With --write the rules replace the ones for the same
+(bits, M, shape), and turns them into rules for python/dqgemm/configs/dispatch.json: at each
+measured M, the one kernel with the least total slowdown over the shapes, or, where that
+beats it by more than 5%, a split by out_features (kernel A for N >= n, kernel B below);
+consecutive measured M with the same choice form one M range, and a boundary between two
+measured M lies at their geometric midpoint. Every rule's note names the file and the
+evidence (worst loss of the choice against each shape's fastest kernel), and the rules are
+replayed on the same measurements. With --write the rules replace the ones for the same
 device name in dispatch.json (rules for other devices are kept, these go first).
 
 The printed table shows, for each (bits, M), the fastest kernel per shape, so a person can
@@ -52,49 +54,103 @@ def kernel_times(doc: Dict) -> Dict[Tuple[int, int, Tuple[int, int]], Dict[str, 
     return out
 
 
-def winners(times) -> Dict[Tuple[int, int], collections.Counter]:
-    wins: Dict = collections.defaultdict(collections.Counter)
-    for (bits, m, _shape), per_kernel in times.items():
-        wins[(bits, m)][min(per_kernel, key=per_kernel.get)] += 1
-    return wins
+def _shapes_at(times, bits: int, m: int) -> List[Tuple[Tuple[int, int], Dict[str, float]]]:
+    return [(shape, per_kernel) for (b, mm, shape), per_kernel in sorted(times.items())
+            if b == bits and mm == m]
 
 
-def worst_loss(times, bits: int, m: int, kernel: str) -> float:
+def _cost(per_kernel: Dict[str, float], kernel: str) -> float:
+    """log(time of kernel / fastest time) for one shape; inf when the kernel was not timed."""
+    if kernel not in per_kernel:
+        return math.inf
+    return math.log(per_kernel[kernel] / min(per_kernel.values()))
+
+
+# A split by out_features must beat the best single kernel by this much (sum over shapes of
+# log time ratios) to be used: smaller differences are within run-to-run noise.
+SPLIT_GAIN = math.log(1.05)
+
+
+def decide(times, bits: int, m: int) -> Tuple:
+    """("one", kernel) or ("split", n_min, kernel for N >= n_min, kernel below): the choice
+    with the least total slowdown against the per-shape fastest kernel at (bits, M)."""
+    shapes = _shapes_at(times, bits, m)
+    kernels = sorted({k for _, per_kernel in shapes for k in per_kernel})
+    single = min(kernels, key=lambda k: (sum(_cost(pk, k) for _, pk in shapes), k))
+    best_cost = sum(_cost(pk, single) for _, pk in shapes)
+    best = ("one", single)
+    for n_min in sorted({shape[1] for shape, _ in shapes})[1:]:
+        for hi in kernels:
+            for lo in kernels:
+                if hi == lo:
+                    continue
+                cost = sum(_cost(pk, hi if shape[1] >= n_min else lo) for shape, pk in shapes)
+                if cost < best_cost - SPLIT_GAIN:
+                    best_cost, best = cost, ("split", n_min, hi, lo)
+    return best
+
+
+def worst_loss(times, bits: int, m: int, choice: Tuple) -> float:
     """Largest time ratio chosen / fastest over the shapes measured at (bits, M)."""
     worst = 1.0
-    for (b, mm, _shape), per_kernel in times.items():
-        if b == bits and mm == m and kernel in per_kernel:
+    for shape, per_kernel in _shapes_at(times, bits, m):
+        kernel = choice[1] if choice[0] == "one" else (
+            choice[2] if shape[1] >= choice[1] else choice[3])
+        if kernel in per_kernel:
             worst = max(worst, per_kernel[kernel] / min(per_kernel.values()))
     return worst
 
 
 def derive(doc: Dict, device_name: str, source: str) -> List[Dict]:
     times = kernel_times(doc)
-    wins = winners(times)
     rules = []
-    for bits in sorted({b for b, _ in wins}):
-        ms = sorted(m for b, m in wins if b == bits)
+    for bits in sorted({b for b, _, _ in times}):
+        ms = sorted({m for b, m, _ in times if b == bits})
         runs: List[List[int]] = []
-        choice: List[str] = []
+        choices: List[Tuple] = []
         for m in ms:
-            best = wins[(bits, m)].most_common(1)[0][0]
-            if choice and choice[-1] == best:
+            choice = decide(times, bits, m)
+            if choices and choices[-1] == choice:
                 runs[-1].append(m)
             else:
                 runs.append([m])
-                choice.append(best)
-        for i, (run, kernel) in enumerate(zip(runs, choice)):
-            rule = {"kernel": kernel, "device_name": device_name, "bits": bits}
+                choices.append(choice)
+        for i, (run, choice) in enumerate(zip(runs, choices)):
+            m_range = {}
             if i > 0:
-                rule["m_min"] = math.floor(math.sqrt(runs[i - 1][-1] * run[0])) + 1
+                m_range["m_min"] = math.floor(math.sqrt(runs[i - 1][-1] * run[0])) + 1
             if i + 1 < len(runs):
-                rule["m_max"] = math.floor(math.sqrt(run[-1] * runs[i + 1][0]))
-            evidence = ", ".join(
-                f"M={m}: {wins[(bits, m)][kernel]}/{sum(wins[(bits, m)].values())} shapes, "
-                f"worst {worst_loss(times, bits, m, kernel):.2f}x the fastest" for m in run)
-            rule["note"] = f"{source}: INT{bits} fastest kernel by shape count ({evidence})"
-            rules.append(rule)
+                m_range["m_max"] = math.floor(math.sqrt(run[-1] * runs[i + 1][0]))
+            evidence = ", ".join(f"M={m}: worst {worst_loss(times, bits, m, choice):.2f}x the "
+                                 f"fastest kernel of each shape" for m in run)
+            if choice[0] == "one":
+                rules.append(dict(kernel=choice[1], device_name=device_name, bits=bits,
+                                  **m_range, note=f"{source}: INT{bits}, least total slowdown "
+                                                  f"over the measured shapes ({evidence})"))
+            else:
+                _, n_min, hi, lo = choice
+                note = (f"{source}: INT{bits}, {hi} for N >= {n_min} and {lo} below beat any "
+                        f"single kernel by > 5% over the measured shapes ({evidence})")
+                rules.append(dict(kernel=hi, device_name=device_name, bits=bits, **m_range,
+                                  n_min=n_min, note=note))
+                rules.append(dict(kernel=lo, device_name=device_name, bits=bits, **m_range,
+                                  note=note))
     return rules
+
+
+def replay(doc: Dict, rules: List[Dict]) -> List[Tuple]:
+    """Offline check of rules on the same measurements: (bits, M, shape, chosen / fastest)
+    for every case; the first rule whose bits / M / N conditions hold decides."""
+    out = []
+    for (bits, m, shape), per_kernel in sorted(kernel_times(doc).items()):
+        for r in rules:
+            if r.get("bits", bits) != bits or m < r.get("m_min", 0) or \
+                    m > r.get("m_max", 1 << 30) or shape[1] < r.get("n_min", 0):
+                continue
+            if r["kernel"] in per_kernel:
+                out.append((bits, m, shape, per_kernel[r["kernel"]] / min(per_kernel.values())))
+            break
+    return out
 
 
 def print_table(doc: Dict) -> None:
@@ -125,6 +181,11 @@ def main(argv=None) -> int:
     source = "bench/results/" + os.path.basename(args.results)
     rules = derive(doc, args.device_name, source)
     print(json.dumps(rules, indent=1))
+    ratios = [r[3] for r in replay(doc, rules)]
+    if ratios:
+        print(f"replayed on the same measurements: {sum(q <= 1.05 for q in ratios)} of "
+              f"{len(ratios)} cases within 5% of the fastest kernel, worst {max(ratios):.2f}x "
+              f"(in-sample: a fresh run of backend='auto' is the real check)")
     if args.write:
         with open(DISPATCH) as f:
             table = json.load(f)
