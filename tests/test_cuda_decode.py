@@ -355,3 +355,14 @@ def test_blocks_per_sm_argument_checked():
     prep = cd.prepare_decode(qw)
     with pytest.raises(ValueError, match="blocks_per_sm"):
         cd.decode_matmul(torch.randn(1, 128, dtype=torch.float16), prep, None, blocks_per_sm=0)
+
+
+@pytest.mark.skipif(_ext.extension() is None, reason="CUDA extension not built")
+def test_python_stage_depth_matches_the_launcher():
+    """grid_size() counts units with cd.stage_k; the launcher rejects a grid larger than its
+    own unit count, so the two must agree for every M and width (no GPU needed)."""
+    ext = _ext.extension()
+    for bits in (4, 8):
+        for m in range(1, 65):
+            assert cd.stage_k(m, bits) == ext.decode_gemm_stage_k(m, bits), (m, bits)
+            assert cd.m_tile(m) == ext.decode_gemm_m_tile(m), m
