@@ -23,7 +23,9 @@
 # Optional steps before the tests: DECODE_QUICK=1 runs bench/cuda_decode_quick.py (cuda_decode
 # correctness of every configuration, then key timings; decode_quick.json; if it fails, the
 # benchmark and the decode run are skipped), NCU=1 profiles
-# cuda_decode with Nsight Compute (bench/cuda_decode_ncu.py; ncu.txt).
+# cuda_decode with Nsight Compute (bench/cuda_decode_ncu.py; ncu.txt), SANITIZE=1 runs
+# compute-sanitizer memcheck and racecheck on bench/cuda_decode_sanitize.py
+# (sanitize_memcheck.txt, sanitize_racecheck.txt).
 # Knobs (environment): BENCH_ARGS (default below), E2E_MODEL (llama3-8b), E2E_ARGS,
 # E2E_BACKENDS (default: every usable backend but reference), TEST_TIMEOUT (150),
 # TEST_PATHS (tests), BENCH_TIMEOUT / E2E_TIMEOUT (seconds per process, 0 = none),
@@ -96,6 +98,17 @@ if [ "${NCU:-0}" = "1" ]; then
     --section MemoryWorkloadAnalysis --section SchedulerStats --section LaunchStats \
     $PY bench/cuda_decode_ncu.py > "$OUT_DIR/ncu.txt" 2>&1
   stamp "ncu: rc=$?"
+fi
+
+if [ "${SANITIZE:-0}" = "1" ]; then
+  # compute-sanitizer memcheck and racecheck on the small cuda_decode sweep (every token
+  # tile, width, dtype, zero mode, group variant and the stream-K fixup)
+  for tool in memcheck racecheck; do
+    stamp "sanitize: compute-sanitizer --tool $tool bench/cuda_decode_sanitize.py"
+    timeout 240 compute-sanitizer --tool $tool $PY bench/cuda_decode_sanitize.py \
+      > "$OUT_DIR/sanitize_$tool.txt" 2>&1
+    stamp "sanitize $tool: rc=$? $(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT_DIR/sanitize_$tool.txt" | tail -1)"
+  done
 fi
 
 TESTS="skipped"
