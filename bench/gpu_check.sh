@@ -15,7 +15,7 @@
 #      then each backend in its own process, merged (unless SKIP_E2E=1)
 #   6. summary (printed last): build/test status, the summary table, FP16 vs anchors.md,
 #      the decode table.
-# Files in OUT_DIR (at most 6, so they all come back from the device tool):
+# Files in OUT_DIR (the device tool returns at most 8; the optional steps below add theirs):
 #   check.log  bench.log  bench_<gpu>_<date>.json  bench_<gpu>_<date>.png  e2e_<gpu>_<date>.json
 #
 # Time on an H100 with the defaults: build ~25 s, tests <= TEST_TIMEOUT, layer bench ~100 s,

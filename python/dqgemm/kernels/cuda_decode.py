@@ -224,6 +224,12 @@ def launch_table() -> Dict[str, Dict[str, int]]:
     return _config()["blocks_per_sm"]
 
 
+def table_blocks_per_sm(m: int, bits: int) -> int:
+    """The launch table's blocks per SM for M's token tile (at M <= 16 it also sets the
+    shared-memory ring depth in the launcher)."""
+    return int(launch_table()[f"int{bits}"][str(m_tile(m))])
+
+
 def max_splits_table() -> Dict[str, int]:
     """configs/cuda_decode.json: most blocks sharing one 128-channel tile, by token tile."""
     return _config()["max_splits_per_tile"]
@@ -257,7 +263,7 @@ def grid_size(m: int, n: int, k: int, bits: int, device_index: int,
     bk = stage_k(m, bits)
     units = tiles * ((k_pad + bk - 1) // bk)
     if blocks_per_sm is None:
-        blocks_per_sm = int(launch_table()[f"int{bits}"][str(m_tile(m))])
+        blocks_per_sm = table_blocks_per_sm(m, bits)
     splits = int(max_splits_table()[str(m_tile(m))])
     return max(1, min(units, _sm_count(device_index) * blocks_per_sm, tiles * splits))
 
@@ -314,7 +320,7 @@ def decode_matmul(x: torch.Tensor, prepared: DecodePrepared, bias: Optional[torc
     n_pad, k_pad = padded_sizes(n, k)
     device = x.device
     if blocks_per_sm is None:
-        blocks_per_sm = int(launch_table()[f"int{prepared.bits}"][str(m_tile(m))])
+        blocks_per_sm = table_blocks_per_sm(m, prepared.bits)
     elif not isinstance(blocks_per_sm, int) or blocks_per_sm < 1:
         raise ValueError(f"blocks_per_sm: expected an int >= 1, got {blocks_per_sm!r}")
     grid = grid_size(m, n, k, prepared.bits, device.index, blocks_per_sm)
