@@ -8,6 +8,9 @@ Environment variables:
                       Hopper-only build). "90a" enables wgmma/setmaxnreg code paths.
   DQGEMM_NO_CUDA=1    skip the extension even when nvcc is present.
   DQGEMM_NVCC_THREADS parallel nvcc jobs (default: CPU count).
+  DQGEMM_NVCC_FLAGS   extra nvcc flags for the .cu files, split on spaces (e.g.
+                      "-Xptxas -v" to print registers and spills, or a -D switch to time
+                      a variant of a kernel).
   CUDA_HOME           where to look for bin/nvcc (else PATH, then /usr/local/cuda).
   DQGEMM_OBJ_CACHE    a folder of compiled .cu objects keyed by a hash of the sources, the
                       csrc headers, the flags and the nvcc version (like ccache): objects
@@ -114,6 +117,7 @@ class NvccBuildExt(build_ext):
             key = None
             if src.endswith(".cu"):
                 cmd += gencode_flags(archs) + ["--expt-relaxed-constexpr", "-lineinfo"]
+                cmd += os.environ.get("DQGEMM_NVCC_FLAGS", "").split()
                 key = _cache_key(nvcc, src, cmd[5:])
             jobs.append((src, obj, cmd, key))
         threads = int(os.environ.get("DQGEMM_NVCC_THREADS", os.cpu_count() or 1))

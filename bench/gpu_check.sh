@@ -26,6 +26,8 @@
 # cuda_decode with Nsight Compute (bench/cuda_decode_ncu.py; ncu.txt), SANITIZE=1 runs
 # compute-sanitizer memcheck and racecheck on bench/cuda_decode_sanitize.py
 # (sanitize_memcheck.txt, sanitize_racecheck.txt).
+# DECODE_VARIANTS (see the end of this script) rebuilds with other nvcc flags and times
+# each variant with the quick check, after everything else.
 # Knobs (environment): BENCH_ARGS (default below), E2E_MODEL (llama3-8b), E2E_ARGS,
 # E2E_BACKENDS (default: every usable backend but reference), TEST_TIMEOUT (150),
 # TEST_PATHS (tests), BENCH_TIMEOUT / E2E_TIMEOUT (seconds per process, 0 = none),
@@ -170,6 +172,21 @@ json.dump(merged, open(sys.argv[1], "w"), indent=1)
 PYEOF
   stamp "e2e: rc=$E2E_RC"
 fi
+
+# A/B of kernel variants, last (each rebuilds the extension with its nvcc flags, so nothing
+# after this uses the default build): DECODE_VARIANTS="name=-DFLAG name2=-DFLAG2" times each
+# with bench/cuda_decode_quick.py into decode_quick_<name>.json. With DQGEMM_OBJ_CACHE
+# pointing at objects compiled beforehand (setup.py), a rebuild is a link.
+for spec in ${DECODE_VARIANTS:-}; do
+  name=${spec%%=*}; flags=${spec#*=}
+  stamp "variant $name: rebuild with DQGEMM_NVCC_FLAGS=$flags"
+  if DQGEMM_NVCC_FLAGS="$flags" $PY -m pip install --no-build-isolation --no-deps -e . >> "$LOG" 2>&1; then
+    timeout 240 $PY bench/cuda_decode_quick.py "$OUT_DIR/decode_quick_$name.json" >> "$LOG" 2>&1
+    stamp "variant $name: rc=$?"
+  else
+    stamp "variant $name: build failed"
+  fi
+done
 
 echo
 echo "================ summary ($(( $(date +%s) - T0 )) s) ================"

@@ -26,7 +26,8 @@
 //
 // Instantiations: bits {4, 8} x dtype {fp16, bf16} x 4 token tiles = 16 kernels.
 // Zero-point mode and group size are run-time (uniform branches once per group).
-// Constraints checked here: M in 1..64, bits 4/8, fp16/bf16, K % 8 == 0, aligned x,
+// Constraints checked here: M in 1..64, bits 4/8, fp16/bf16, K % 8 == 0, M * K < 2^31
+// (32-bit activation offsets), aligned x,
 // padded sizes multiples of 128, a grid no larger than the number of units.
 // Test: pytest tests/test_cuda_decode.py. Benchmark: python bench/cuda_decode_bench.py.
 
@@ -70,12 +71,12 @@ cudaError_t launch_tile(const DecodeGemmParams& p) {
     // the deepest ring with which that many blocks fit in the SM's shared memory.
     case 8:
       return p.blocks_per_sm >= 3
-                 ? launch_config<T, Config<BITS, 1, 1, BITS == 4 ? 256 : 128, 3>>(p)
-                 : launch_config<T, Config<BITS, 1, 1, BITS == 4 ? 256 : 128, 4>>(p);
+                 ? launch_config<T, Config<BITS, 1, 1, BITS == 4 ? 256 : 128, 3, 3>>(p)
+                 : launch_config<T, Config<BITS, 1, 1, BITS == 4 ? 256 : 128, 4, 2>>(p);
     case 16:
       return p.blocks_per_sm >= 3
-                 ? launch_config<T, Config<BITS, 2, 1, BITS == 4 ? 256 : 128, 2>>(p)
-                 : launch_config<T, Config<BITS, 2, 1, BITS == 4 ? 256 : 128, BITS == 4 ? 3 : 4>>(p);
+                 ? launch_config<T, Config<BITS, 2, 1, BITS == 4 ? 256 : 128, 2, 3>>(p)
+                 : launch_config<T, Config<BITS, 2, 1, BITS == 4 ? 256 : 128, BITS == 4 ? 3 : 4, 2>>(p);
     case 32: return launch_config<T, Config<BITS, 4, 2, 128, 4>>(p);
     case 64: return launch_config<T, Config<BITS, 8, 4, 64, 4>>(p);
     default: return cudaErrorInvalidValue;
@@ -105,7 +106,7 @@ cudaError_t launch_decode_gemm(const DecodeGemmParams& p) {
   const bool gs_ok = (p.group_size_log2 >= 5 && p.group_size_log2 <= 8) ||
                      p.group_size_log2 == 30;
   if (decode_gemm_m_tile(p.m) == 0 || (p.bits != 4 && p.bits != 8) || !gs_ok ||
-      p.k % 8 != 0 || p.k_pad % 128 != 0 || p.n_pad % 128 != 0 || p.k_pad < p.k ||
+      p.k % 8 != 0 || p.m * p.k >= (int64_t{1} << 31) || p.k_pad % 128 != 0 || p.n_pad % 128 != 0 || p.k_pad < p.k ||
       p.n_pad < p.n || (reinterpret_cast<uintptr_t>(p.x) & 15u) != 0 ||
       p.weight == nullptr || p.scales == nullptr || p.y == nullptr || p.counters == nullptr ||
       p.workspace == nullptr ||

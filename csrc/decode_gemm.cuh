@@ -42,7 +42,9 @@
 // exact integers q - z, the mma accumulate a group's products in fp32 group accumulators,
 // and each group's scale is applied to those in fp32 when the group ends (one fma per
 // code pair instead of two, and better rounding than scaling in fp16/bf16). Offsets
-// (w = q * s + o) are dequantized fully into the fragment instead.
+// (w = q * s + o) are dequantized fully into the fragment instead. (Fragments of the raw
+// codes, with the group's z * sum(x) removed at the fold, were measured and were slower:
+// bench/results/NOTES.md, "v5".)
 // Activations for the chunk (M rows x BK, XOR-swizzled 16-byte chunks) are loaded into
 // shared memory with the weights and read with ldmatrix.x4.
 //
@@ -441,13 +443,16 @@ __device__ __forceinline__ void dequant_int8_bf16(uint32_t w0, uint32_t w1,
 // Tile configuration.
 // ---------------------------------------------------------------------------------------
 
-template <int BITS, int MT, int WN16, int BK, int STAGES>
+template <int BITS, int MT, int WN16, int BK, int STAGES, int MIN_BLOCKS = 1>
 struct Config {
   static constexpr int kBits = BITS;
   static constexpr int kMT = MT;                 // tiles of 8 tokens (M <= 8 * MT)
   static constexpr int kWN16 = WN16;             // 16-channel slices per warp
   static constexpr int kBK = BK;                 // k per pipeline stage
   static constexpr int kStages = STAGES;
+  // Blocks per SM the configuration is meant to run with: the register cap of
+  // __launch_bounds__ (3 blocks of 256 threads: at most 80 registers per thread).
+  static constexpr int kMinBlocks = MIN_BLOCKS;
   static constexpr int kBN = 128;                // channels per n_tile (layout constant)
   static constexpr int kWarps = 8 / WN16;
   static constexpr int kThreads = 32 * kWarps;
@@ -485,7 +490,7 @@ __device__ __forceinline__ int64_t first_unit_of_block(int b, int64_t units, int
 // kFold: the scale is applied per group to fp32 accumulators of exact (q - z) products
 // (symmetric and zero-point weights; offsets w = q * s + o cannot be folded this way).
 template <typename T, typename Cfg, bool kFold>
-__global__ void __launch_bounds__(Cfg::kThreads)
+__global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
 decode_gemm_kernel(const DecodeGemmParams p) {
   using P = Pair<T>;
   static_assert(!kFold || Cfg::kCanFold, "this configuration has no room for folded scales");
@@ -534,43 +539,70 @@ decode_gemm_kernel(const DecodeGemmParams p) {
                               chunk * 16) = make_uint4(0, 0, 0, 0);
   }
 
-  // Issue the cp.async copies of unit u into stage buffer s.
-  // (The unit index u = tile * kc_per_tile + kc is walked with two cursors, one for loads,
-  // one for compute, so the main loop has no 64-bit division.)
-  auto load_stage = [&](int64_t tile, int kc, int s) {
+  // Load cursor: the next unit to copy, (load_tile, load_kc), and the address of its
+  // weights. A block's units are consecutive, so its weights are one contiguous range:
+  // the cursor moves by the bytes of each unit (16-byte chunks, 4096 bytes per k block).
+  const int64_t first_tile = u_begin / kc_per_tile;
+  int64_t load_tile = first_tile;
+  int load_kc = static_cast<int>(u_begin - first_tile * kc_per_tile);
+  const uint8_t* w_next =
+      wbase + (first_tile * k_blocks_per_tile +
+               static_cast<int64_t>(load_kc) * Cfg::kChunksPerStage) * 4096 + tid * 16;
+  // 32-bit activation offsets (the launcher checks M * K < 2^31).
+  const int k_real32 = static_cast<int>(k_real);
+  const int x_chunks = m_rows * (kBK / 8);
+  auto advance = [&](int64_t& t, int& c) {
+    if (++c == kc_per_tile) {
+      c = 0;
+      ++t;
+    }
+  };
+
+  // Issue the cp.async copies of the unit under the load cursor into stage buffer s, then
+  // move the cursor on. Weights: every thread; activations: threads from 0 up; group
+  // parameters: threads from the last one down (so the two small copies land on
+  // different warps, and no warp carries both to the barrier).
+  auto load_next = [&](int s) {
     const uint32_t st = smem0 + s * Cfg::kStageBytes;
-    // weights: one contiguous range
-    const int64_t kb0 = static_cast<int64_t>(kc) * Cfg::kChunksPerStage;
-    const int kb_here = static_cast<int>(k_blocks_per_tile - kb0);  // k blocks left in tile
-    const uint8_t* wsrc = wbase + (tile * k_blocks_per_tile + kb0) * 4096;
+    const int kb_here = static_cast<int>(
+        min(static_cast<int64_t>(Cfg::kChunksPerStage),
+            k_blocks_per_tile - static_cast<int64_t>(load_kc) * Cfg::kChunksPerStage));
+    // Chunk i * kThreads + tid lies in k block (i * kThreads) / 256 (kThreads divides 256).
 #pragma unroll
     for (int i = 0; i < Cfg::kWBytes / 16 / kThreads; ++i) {
-      const int c = i * kThreads + tid;
-      if ((c >> 8) < kb_here) cp_async16_stream(st + c * 16, wsrc + c * 16);
+      if ((i * kThreads) / 256 < kb_here) {
+        cp_async16_stream(st + (i * kThreads + tid) * 16, w_next + i * kThreads * 16);
+      }
     }
+    w_next += kb_here * 4096;
     // activations: M rows x BK, chunk j of row m stored at chunk j ^ (m & 7)
-    const int64_t k0 = static_cast<int64_t>(kc) * kBK;
-    for (int c = tid; c < m_rows * (kBK / 8); c += kThreads) {
+    const int k0 = load_kc * kBK;
+    // (Not unrolled: one or two trips per thread; unrolled, the per-trip row and chunk
+    // were hoisted into spilled registers.)
+#pragma unroll 1
+    for (int c = tid; c < x_chunks; c += kThreads) {
       const int row = c / (kBK / 8);
-      const int j = c - row * (kBK / 8);
-      const int64_t k = k0 + j * 8;
-      const bool valid = k < k_real;
-      const T* src = valid ? x + row * k_real + k : x;
+      const int j = c % (kBK / 8);
+      const int k = k0 + j * 8;
+      const bool valid = k < k_real32;
+      const T* src = valid ? x + (row * k_real32 + k) : x;
       cp_async16_zfill(st + Cfg::kWBytes + row * kBK * 2 + ((j ^ (row & 7)) * 16), src,
                        valid ? 16 : 0);
     }
     // group parameters of the groups this chunk touches
-    const int64_t g0 = k0 >> gs_log2;
-    const int pchunks = static_cast<int>(
-        min(static_cast<int64_t>(groups_per_stage), groups_per_tile - g0) * 16);
-    const int64_t poff = (tile * groups_per_tile + g0) * 256;
-    for (int c = tid; c < pchunks; c += kThreads) {
+    const int g0 = k0 >> gs_log2;
+    const int pchunks =
+        min(groups_per_stage, static_cast<int>(groups_per_tile) - g0) * 16;
+    const int64_t poff = (load_tile * groups_per_tile + g0) * 256;
+#pragma unroll 1
+    for (int c = kThreads - 1 - tid; c < pchunks; c += kThreads) {
       cp_async16_zfill(st + Cfg::kWBytes + Cfg::kABytes + c * 16, sbase + poff + c * 16, 16);
       if (mode != static_cast<int>(ZeroMode::kSymmetric)) {
         cp_async16_zfill(st + Cfg::kWBytes + Cfg::kABytes + Cfg::kPBytes + c * 16,
                          zbase + poff + c * 16, 16);
       }
     }
+    advance(load_tile, load_kc);
   };
 
   // acc: the block's sums for the current segment. With kFold, the mma accumulate exact
@@ -645,41 +677,26 @@ decode_gemm_kernel(const DecodeGemmParams p) {
     }
   }
 
-  const int64_t first_tile = u_begin / kc_per_tile;
-  int64_t load_tile = first_tile;
-  int load_kc = static_cast<int>(u_begin - first_tile * kc_per_tile);
   int64_t tile = load_tile;  // compute cursor
   int kc = load_kc;
-  auto advance = [&](int64_t& t, int& c) {
-    if (++c == kc_per_tile) {
-      c = 0;
-      ++t;
-    }
-  };
+  const int n_units = static_cast<int>(u_end - u_begin);
 
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
-    if (u_begin + s < u_end) {
-      load_stage(load_tile, load_kc, s);
-      advance(load_tile, load_kc);
-    }
+    if (s < n_units) load_next(s);
     cp_async_commit();
   }
 
   int seg_kc_begin = kc;
   int stage = 0;
 
-  for (int64_t u = u_begin; u < u_end; ++u) {
+  for (int it = 0; it < n_units; ++it) {
     cp_async_wait<kStages - 2>();
     __syncthreads();  // stage `stage` is visible; everyone is done with the previous one
     {
-      const int64_t un = u + kStages - 1;
       int sn = stage + kStages - 1;
       if (sn >= kStages) sn -= kStages;
-      if (un < u_end) {
-        load_stage(load_tile, load_kc, sn);
-        advance(load_tile, load_kc);
-      }
+      if (it + kStages - 1 < n_units) load_next(sn);
       cp_async_commit();
     }
 
@@ -688,18 +705,20 @@ decode_gemm_kernel(const DecodeGemmParams p) {
     const uint32_t a_st = st + Cfg::kWBytes;
     const uint32_t s_st = a_st + Cfg::kABytes;
     const uint32_t z_st = s_st + Cfg::kPBytes;
-    const int kb_here = static_cast<int>(k_blocks_per_tile -
-                                         static_cast<int64_t>(kc) * Cfg::kChunksPerStage);
-    // One stage. kG = k16 steps per group inside it (a compile-time constant, so group
-    // starts, folds and first-of-group mma are placed at compile time; per-channel weights
-    // and groups longer than the stage start a "group" at every stage: same parameters).
-    auto compute_stage = [&](auto group_steps) {
+    const bool short_stage = k_blocks_per_tile - static_cast<int64_t>(kc) * Cfg::kChunksPerStage <
+                             Cfg::kChunksPerStage;
+    // One stage of kChunks k blocks. kG = k16 steps per group inside it. Both are
+    // compile-time constants, so group starts, folds and first-of-group mma are placed at
+    // compile time and nothing in the stage branches (which also lets the compiler issue
+    // the next chunk's shared-memory loads early). Per-channel weights and groups longer
+    // than the stage start a "group" at every stage: same parameters.
+    auto compute_stage = [&](auto group_steps, auto chunks) {
       constexpr int kG = decltype(group_steps)::value;
+      constexpr int kChunks = decltype(chunks)::value;
       uint32_t bfrag[kMT][2];
       [[maybe_unused]] uint32_t bpair[4];  // M <= 8 only
 #pragma unroll
-      for (int cb = 0; cb < Cfg::kChunksPerStage; ++cb) {
-        if (cb >= kb_here) break;  // short last stage of the tile (uniform)
+      for (int cb = 0; cb < kChunks; ++cb) {
         uint4 wq[kWN16];
 #pragma unroll
         for (int i = 0; i < kWN16; ++i) {
@@ -774,22 +793,35 @@ decode_gemm_kernel(const DecodeGemmParams p) {
         }
       }
     };
-    // Groups per stage are uniform at run time: one branch per stage picks the variant.
+    // The last stage of a tile holds 128 k (K_pad is a multiple of 128) when BK = 256: the
+    // short variant. Groups per stage are uniform at run time: one branch per stage picks
+    // the variant.
+    auto run_stage = [&](auto group_steps) {
+      using Full = std::integral_constant<int, Cfg::kChunksPerStage>;
+      if constexpr (kBK > 128) {
+        static_assert(kBK == 256, "a short stage is assumed to be exactly 128 k");
+        if (short_stage) {
+          compute_stage(group_steps, std::integral_constant<int, 128 / Cfg::kSpan>{});
+          return;
+        }
+      }
+      compute_stage(group_steps, Full{});
+    };
     constexpr int kSteps = Cfg::kK16PerStage;
     const int group_steps = gs_log2 - 4 >= 8 ? kSteps : min(kSteps, 1 << (gs_log2 - 4));
     if (group_steps <= 2) {
-      compute_stage(std::integral_constant<int, (kSteps < 2 ? kSteps : 2)>{});
+      run_stage(std::integral_constant<int, (kSteps < 2 ? kSteps : 2)>{});
     } else if (group_steps == 4) {
-      compute_stage(std::integral_constant<int, (kSteps < 4 ? kSteps : 4)>{});
+      run_stage(std::integral_constant<int, (kSteps < 4 ? kSteps : 4)>{});
     } else if (group_steps == 8) {
-      compute_stage(std::integral_constant<int, (kSteps < 8 ? kSteps : 8)>{});
+      run_stage(std::integral_constant<int, (kSteps < 8 ? kSteps : 8)>{});
     } else {
-      compute_stage(std::integral_constant<int, kSteps>{});
+      run_stage(std::integral_constant<int, kSteps>{});
     }
     stage = stage + 1 == kStages ? 0 : stage + 1;
 
     // ---- end of a segment (n_tile boundary or end of range): epilogue ----
-    if (kc == kc_per_tile - 1 || u + 1 == u_end) {
+    if (kc == kc_per_tile - 1 || it + 1 == n_units) {
       fold();
       clear_groups();
       const bool full = seg_kc_begin == 0 && kc == kc_per_tile - 1;
