@@ -4,7 +4,9 @@
         --section SpeedOfLight --section Occupancy --section WarpStateStats \
         --section MemoryWorkloadAnalysis python bench/cuda_decode_ncu.py
 
-Launch order: INT4 g128 fp16 on K x N = 8192 x 28672 with M = 1 (3 launches), then M = 16
+    python bench/cuda_decode_ncu.py [K N]
+
+Launch order: INT4 g128 fp16 on K x N (default 8192 x 28672) with M = 1 (3 launches), then M = 16
 (3 launches); the command above profiles the 3rd M = 1 and the 1st M = 16 launch.
 """
 import torch
@@ -12,7 +14,10 @@ import torch
 import dqgemm
 from dqgemm.kernels import cuda_decode as cd
 
-k, n = 8192, 28672
+import sys
+
+# optional: K N of the layer (default the Llama-3-70B up-projection)
+k, n = (int(sys.argv[1]), int(sys.argv[2])) if len(sys.argv) > 2 else (8192, 28672)
 qw = dqgemm.quantize(torch.randn(n, k, device="cuda") * 0.02, 4, 128)
 prep = cd.prepare_decode(qw)
 for m in (1, 16):

@@ -23,7 +23,7 @@
 # Optional steps before the tests: DECODE_QUICK=1 runs bench/cuda_decode_quick.py (cuda_decode
 # correctness of every configuration, then key timings; decode_quick.json; if it fails, the
 # benchmark and the decode run are skipped), NCU=1 profiles
-# cuda_decode with Nsight Compute (bench/cuda_decode_ncu.py; ncu.txt), SANITIZE=1 runs
+# cuda_decode with Nsight Compute (bench/cuda_decode_ncu.py $NCU_ARGS, e.g. "4096 4096"; ncu.txt), SANITIZE=1 runs
 # compute-sanitizer memcheck and racecheck on bench/cuda_decode_sanitize.py
 # (sanitize_memcheck.txt, sanitize_racecheck.txt).
 # DECODE_VARIANTS (see the end of this script) rebuilds with other nvcc flags and times
@@ -98,7 +98,7 @@ if [ "${NCU:-0}" = "1" ]; then
   timeout 180 ncu --clock-control none --kernel-name regex:decode_gemm --launch-skip 2 \
     --launch-count 2 --section SpeedOfLight --section Occupancy --section WarpStateStats \
     --section MemoryWorkloadAnalysis --section SchedulerStats --section LaunchStats \
-    $PY bench/cuda_decode_ncu.py > "$OUT_DIR/ncu.txt" 2>&1
+    $PY bench/cuda_decode_ncu.py ${NCU_ARGS:-} > "$OUT_DIR/ncu.txt" 2>&1
   stamp "ncu: rc=$?"
 fi
 

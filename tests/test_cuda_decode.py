@@ -156,6 +156,19 @@ def test_launch_table_covers_every_tile():
     assert sorted(int(t) for t in cd.max_splits_table()) == [8, 16, 32, 64]
 
 
+def test_small_layer_rule_of_the_launch_table():
+    rules = cd._config()["small_layers"]["int4"]
+    for tile, rule in rules.items():
+        m, limit, bps = int(tile), int(rule["max_units"]), int(rule["blocks_per_sm"])
+        assert cd.table_blocks_per_sm(m, 4, limit) == bps
+        assert cd.table_blocks_per_sm(m, 4, limit + 1) == cd.table_blocks_per_sm(m, 4)
+        assert cd.table_blocks_per_sm(m, 4, limit + 1) != bps
+    # no rule for 8-bit: the per-tile entry whatever the size
+    assert cd.table_blocks_per_sm(1, 8, 1) == cd.table_blocks_per_sm(1, 8)
+    # 4096 x 4096 at M = 1: 32 tiles x 16 stages of 256
+    assert cd.work_units(1, 4096, 4096, 4) == 512
+
+
 def test_grid_never_exceeds_units_or_split_cap(monkeypatch):
     monkeypatch.setattr(cd, "_sm_count", lambda device_index: 132)
     cd.grid_size.cache_clear()

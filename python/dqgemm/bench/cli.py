@@ -87,6 +87,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="decoder layers to build (default: the model's; reported as used)")
     e.add_argument("--context", type=int, default=256, help="KV positions before decoding")
     e.add_argument("--steps", type=int, default=32, help="timed decode steps")
+    e.add_argument("--elementwise", default=None, choices=("triton", "torch"),
+                   help="norms, RoPE, KV writes, SiLU: fused Triton kernels (default on "
+                        "CUDA) or plain torch ops (default elsewhere); same for every variant")
 
 
 def _device(args) -> torch.device:
@@ -160,7 +163,8 @@ def _main(args) -> int:
             variants=[v.strip() for v in args.variants.split(",") if v.strip()],
             backend=args.e2e_backends, device=str(device), progress=not args.no_progress,
             layers=args.layers, context=args.context, steps=args.steps,
-            group_size=args.group_size, use_graph=not args.no_graphs)
+            group_size=args.group_size, use_graph=not args.no_graphs,
+            elementwise=args.elementwise)
         doc = {"schema": runner.SCHEMA, "command": command,
                "device": runner.device_facts(device), "versions": runner.versions(),
                "results": [], "e2e": results}

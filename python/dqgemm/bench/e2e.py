@@ -34,6 +34,7 @@ from torch import nn
 from .. import ops, registry
 from ..nn import QuantLinear
 from ..quantize import quantize
+from . import e2e_ops
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,10 +68,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(1.0 + 0.1 * torch.randn(dim, device=device).to(dtype),
                                    requires_grad=False)
 
-    def forward(self, x):
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return xf.to(x.dtype) * self.weight
+    def forward(self, x, residual=None, impl: str = "torch"):
+        """(h, y): the residual stream h = x + residual and y = rmsnorm(h) * weight."""
+        return e2e_ops.add_rmsnorm(x, residual, self.weight, self.eps, impl)
 
 
 def _linear(in_f: int, out_f: int, bits: Optional[int], group_size: int, backend: str,
@@ -99,35 +99,30 @@ class Block(nn.Module):
         self.down = _linear(cfg.intermediate, cfg.hidden, bits, group_size, backend, device,
                             dtype)
 
-    def forward(self, x, pos, cos, sin, k_cache, v_cache, mask):
+    def forward(self, x, residual, pos, cos, sin, k_cache, v_cache, mask, impl="torch"):
+        """(out, residual): the layer's output and the residual stream before it is added
+        (the add is fused into the next norm, see e2e_ops.add_rmsnorm)."""
         cfg = self.cfg
         b = x.shape[0]
         d, h, kv = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
-        qkv = self.qkv(self.attn_norm(x))                        # [B, 1, (h+2kv)*d]
-        q, k, v = qkv.view(b, h + 2 * kv, d).split((h, kv, kv), dim=1)
-        q, k = _rope(q, cos, sin), _rope(k, cos, sin)
-        k_cache.index_copy_(2, pos, k.unsqueeze(2))              # [B, kv, S, d]
-        v_cache.index_copy_(2, pos, v.unsqueeze(2))
+        residual, xn = self.attn_norm(x, residual, impl)
+        qkv = self.qkv(xn)                                        # [B, 1, (h+2kv)*d]
+        q = e2e_ops.rope_to_cache(qkv, cos, sin, pos, k_cache, v_cache, h, kv, impl)
         # GQA for one new token: the h/kv query heads of a group act as its query rows
         qg = q.reshape(b, kv, h // kv, d)
         att = F.scaled_dot_product_attention(qg, k_cache, v_cache, attn_mask=mask)
-        x = x + self.o(att.reshape(b, 1, h * d))
-        gu = self.gate_up(self.mlp_norm(x))
-        gate, up = gu.chunk(2, dim=-1)
-        return x + self.down(F.silu(gate) * up)
-
-
-def _rope(t, cos, sin):
-    half = t.shape[-1] // 2
-    t1, t2 = t[..., :half], t[..., half:]
-    return torch.cat((t1 * cos - t2 * sin, t2 * cos + t1 * sin), dim=-1).to(t.dtype)
+        residual, xn = self.mlp_norm(self.o(att.reshape(b, 1, h * d)), residual, impl)
+        return self.down(e2e_ops.silu_mul(self.gate_up(xn), impl)), residual
 
 
 class DecoderModel(nn.Module):
     def __init__(self, cfg: ModelConfig, n_layers: int, bits, group_size, backend, device,
-                 dtype, progress=None) -> None:
+                 dtype, progress=None, elementwise: Optional[str] = None) -> None:
         super().__init__()
         self.cfg = cfg
+        # the elementwise ops' implementation (e2e_ops): fused Triton kernels on CUDA
+        self.elementwise = elementwise or e2e_ops.default_impl(torch.device(device))
+        e2e_ops.check_impl(self.elementwise, torch.device(device))
         self.embed = nn.Embedding(cfg.vocab, cfg.hidden, device=device, dtype=dtype)
         with torch.no_grad():
             self.embed.weight.normal_(0, 1.0)
@@ -156,9 +151,10 @@ class DecoderModel(nn.Module):
         sin = state.sin.index_select(0, pos).to(state.dtype)
         mask = (state.arange <= pos).view(1, 1, 1, -1)
         x = self.embed(state.tokens)                              # [B, 1, hidden]
+        residual = None
         for layer, kc, vc in zip(self.layers, state.k_caches, state.v_caches):
-            x = layer(x, pos, cos, sin, kc, vc, mask)
-        logits = self.lm_head(self.norm(x))                       # [B, 1, vocab]
+            x, residual = layer(x, residual, pos, cos, sin, kc, vc, mask, self.elementwise)
+        logits = self.lm_head(self.norm(x, residual, self.elementwise)[1])  # [B, 1, vocab]
         state.logits.copy_(logits)
         state.tokens.copy_(logits.argmax(dim=-1))
         pos.add_(1)
@@ -279,7 +275,8 @@ def run_decode_benchmark(model: str = "llama3-8b", batch_sizes: Sequence[int] = 
                          backend: str = "auto", device: str = "cuda", progress: bool = True,
                          layers: Optional[int] = None, context: int = 256, steps: int = 32,
                          warmup: int = 3, group_size: int = 128,
-                         use_graph: bool = True) -> List[Dict]:
+                         use_graph: bool = True,
+                         elementwise: Optional[str] = None) -> List[Dict]:
     """Decode tokens/s of a Llama-shaped model with random weights (see module docstring).
 
     Args:
@@ -293,11 +290,14 @@ def run_decode_benchmark(model: str = "llama3-8b", batch_sizes: Sequence[int] = 
         layers: decoder layers to build (default: the model's own count).
         context: positions already in the KV cache when timing starts; the cache holds
             context + warmup + steps positions (rounded up to 64), all attended with a mask.
+        elementwise: "triton" (fused kernels, the default on CUDA) or "torch" (plain torch
+            ops, the default elsewhere) for the norms, residual adds, RoPE, KV-cache writes
+            and SiLU (dqgemm.bench.e2e_ops); the same for every variant.
 
     Returns:
         One dict per (variant, backend, batch): model, layers, variant, backend, kernel,
         batch, tokens_per_s, ms_per_token, speedup_vs_fp16, weight_bytes, context,
-        cache_len, steps, graph, ok, note.
+        cache_len, steps, graph, elementwise, ok, note.
     """
     if model not in MODELS:
         raise ValueError(f"model: expected one of {sorted(MODELS)}, got {model!r}")
@@ -311,6 +311,8 @@ def run_decode_benchmark(model: str = "llama3-8b", batch_sizes: Sequence[int] = 
     if not batch_sizes or any(int(b) <= 0 for b in batch_sizes):
         raise ValueError(f"batch_sizes: expected positive integers, got {batch_sizes!r}")
     dev = torch.device(device)
+    elementwise = elementwise or e2e_ops.default_impl(dev)
+    e2e_ops.check_impl(elementwise, dev)
     dtype = torch.float16
     cache_len = int(math.ceil((context + warmup + steps + 3) / 64.0) * 64)
     graph = use_graph and dev.type == "cuda"
@@ -346,6 +348,7 @@ def run_decode_benchmark(model: str = "llama3-8b", batch_sizes: Sequence[int] = 
                 "bits": bits or 16, "group_size": (group_size if bits == 4 else
                                                    -1 if bits == 8 else None),
                 "context": context, "cache_len": cache_len, "steps": steps, "graph": graph,
+                "elementwise": elementwise,
                 "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"}
         net = None
         if broken:
@@ -358,7 +361,7 @@ def run_decode_benchmark(model: str = "llama3-8b", batch_sizes: Sequence[int] = 
                 bar.set_postfix_str(f"building {variant}/{be}", refresh=False)
             torch.manual_seed(0)
             net = DecoderModel(cfg, n_layers, bits, group_size, be if bits else "auto", dev,
-                               dtype, progress=tick).eval()
+                               dtype, progress=tick, elementwise=elementwise).eval()
             wbytes = _weight_bytes(net)
         except Exception as exc:
             for b in batch_sizes:
@@ -408,14 +411,16 @@ def run_decode_benchmark(model: str = "llama3-8b", batch_sizes: Sequence[int] = 
 
 
 def add_speedups(results: List[Dict]) -> List[Dict]:
-    """speedup_vs_fp16 = fp16's ms/token over each row's, per (model, layers, batch).
+    """speedup_vs_fp16 = fp16's ms/token over each row's, per (model, layers, batch,
+    elementwise ops).
 
     Also merges lists from several processes (bench/gpu_check.sh runs each backend in its
     own process, so one backend's CUDA error cannot take the others' rows with it)."""
-    fp16 = {(r["model"], r["layers"], r["batch"]): r["ms_per_token"] for r in results
-            if r["variant"] == "fp16" and r["ok"]}
+    def key(r):
+        return r["model"], r["layers"], r["batch"], r.get("elementwise")
+    fp16 = {key(r): r["ms_per_token"] for r in results if r["variant"] == "fp16" and r["ok"]}
     for r in results:
-        base_ms = fp16.get((r["model"], r["layers"], r["batch"]))
+        base_ms = fp16.get(key(r))
         r["speedup_vs_fp16"] = (base_ms / r["ms_per_token"]
                                 if base_ms and r["ok"] and r["ms_per_token"] else None)
     return results

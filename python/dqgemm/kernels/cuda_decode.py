@@ -224,10 +224,23 @@ def launch_table() -> Dict[str, Dict[str, int]]:
     return _config()["blocks_per_sm"]
 
 
-def table_blocks_per_sm(m: int, bits: int) -> int:
+def table_blocks_per_sm(m: int, bits: int, units: Optional[int] = None) -> int:
     """The launch table's blocks per SM for M's token tile (at M <= 16 it also sets the
-    shared-memory ring depth in the launcher)."""
+    shared-memory ring depth in the launcher); for a layer of ``units`` units of work, the
+    table's small-layer rule first (configs/cuda_decode.json, "small_layers")."""
+    if units is not None:
+        rule = _config().get("small_layers", {}).get(f"int{bits}", {}).get(str(m_tile(m)))
+        if rule is not None and units <= int(rule["max_units"]):
+            return int(rule["blocks_per_sm"])
     return int(launch_table()[f"int{bits}"][str(m_tile(m))])
+
+
+@functools.lru_cache(maxsize=4096)
+def work_units(m: int, n: int, k: int, bits: int) -> int:
+    """Units of work of the stream-K partition: 128-channel tiles x k stages per tile."""
+    n_pad, k_pad = padded_sizes(n, k)
+    bk = stage_k(m, bits)
+    return (n_pad // TILE_N) * ((k_pad + bk - 1) // bk)
 
 
 def max_splits_table() -> Dict[str, int]:
@@ -258,12 +271,10 @@ def grid_size(m: int, n: int, k: int, bits: int, device_index: int,
               blocks_per_sm: Optional[int] = None) -> int:
     """Stream-K grid: SMs x blocks per SM, at most one block per unit of work and at most
     max_splits_per_tile blocks per 128-channel tile (on average)."""
-    n_pad, k_pad = padded_sizes(n, k)
-    tiles = n_pad // TILE_N
-    bk = stage_k(m, bits)
-    units = tiles * ((k_pad + bk - 1) // bk)
+    tiles = padded_sizes(n, k)[0] // TILE_N
+    units = work_units(m, n, k, bits)
     if blocks_per_sm is None:
-        blocks_per_sm = table_blocks_per_sm(m, bits)
+        blocks_per_sm = table_blocks_per_sm(m, bits, units)
     splits = int(max_splits_table()[str(m_tile(m))])
     return max(1, min(units, _sm_count(device_index) * blocks_per_sm, tiles * splits))
 
@@ -320,7 +331,7 @@ def decode_matmul(x: torch.Tensor, prepared: DecodePrepared, bias: Optional[torc
     n_pad, k_pad = padded_sizes(n, k)
     device = x.device
     if blocks_per_sm is None:
-        blocks_per_sm = table_blocks_per_sm(m, prepared.bits)
+        blocks_per_sm = table_blocks_per_sm(m, prepared.bits, work_units(m, n, k, prepared.bits))
     elif not isinstance(blocks_per_sm, int) or blocks_per_sm < 1:
         raise ValueError(f"blocks_per_sm: expected an int >= 1, got {blocks_per_sm!r}")
     grid = grid_size(m, n, k, prepared.bits, device.index, blocks_per_sm)
