@@ -11,6 +11,10 @@ and times ``steps`` replays with CUDA events. ms_per_token is the time of one de
 The model (Llama 3 layout): RMSNorm, fused QKV projection, RoPE, grouped-query attention
 through torch's scaled_dot_product_attention over the whole static cache (positions after
 the current one masked), output projection, SwiGLU MLP with a fused gate+up projection.
+The elementwise work between the matmuls (residual add + RMSNorm, RoPE + KV-cache write,
+SiLU * up) runs as fused Triton kernels on CUDA (``elementwise="triton"``, see e2e_ops) or
+as plain torch ops (``"torch"``, the CPU default), the same for FP16 and the quantized
+variants; each record names which.
 All linear layers of the decoder are quantized in the int4/int8 variants; the embedding and
 lm_head stay fp16 (as in common INT4 deployments). Weights are random (std 0.02), so the
 speed is real and the text is not. ``layers`` may be lowered to fit memory or time; the
