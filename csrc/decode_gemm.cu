@@ -4,7 +4,8 @@
 // described in decode_gemm.cuh. This file picks one configuration per token tile:
 //
 //   M <= 8 : 8 warps, 1 slice of 16 channels each, 1 token tile,  4 stages of BK = 256 (4-bit)
-//            or 128 (8-bit): 16 KB of weights per stage (3 stages when 3 blocks share an SM)
+//            or 128 (8-bit): 16 KB of weights per stage (3 stages when 3 blocks share an SM,
+//            2 when 4 do)
 //   M <= 16: 8 warps, 1 slice each,               2 token tiles, 3 stages of 16 KB likewise
 //            (4 at 8-bit; 2 when 3 blocks share an SM)
 //   M <= 32: 4 warps, 2 slices each,              4 token tiles, BK = 128, 4 stages
@@ -70,7 +71,10 @@ cudaError_t launch_tile(const DecodeGemmParams& p) {
     // Ring depth follows the blocks per SM the grid was sized for (configs/cuda_decode.json):
     // the deepest ring with which that many blocks fit in the SM's shared memory.
     case 8:
-      return p.blocks_per_sm >= 3
+      if (p.blocks_per_sm >= 4) {  // 2 x 24.6 KB, 64 registers: 4 blocks fit
+        return launch_config<T, Config<BITS, 1, 1, BITS == 4 ? 256 : 128, 2, 4>>(p);
+      }
+      return p.blocks_per_sm == 3
                  ? launch_config<T, Config<BITS, 1, 1, BITS == 4 ? 256 : 128, 3, 3>>(p)
                  : launch_config<T, Config<BITS, 1, 1, BITS == 4 ? 256 : 128, 4, 2>>(p);
     case 16:

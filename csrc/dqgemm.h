@@ -71,7 +71,8 @@ struct DecodeGemmParams {
   DType dtype = DType::kFloat16;  // activations, output, group parameters
   ZeroMode zero_mode = ZeroMode::kSymmetric;
   int blocks_per_sm = 2;          // resident blocks per SM the grid was sized for: at
-                                  // M <= 16, 3 picks a shallower ring that lets 3 fit
+                                  // M <= 16, 3 (M <= 8: also 4) picks a shallower ring
+                                  // that lets that many fit
   int grid = 0;                   // blocks (stream-K ranges); <= units
   cudaStream_t stream = nullptr;
 };

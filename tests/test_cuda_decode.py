@@ -372,15 +372,17 @@ def test_import_without_gpu_does_not_touch_cuda():
 
 @gpu
 @pytest.mark.parametrize("bits", [4, 8])
-def test_three_blocks_per_sm_ring(bits):
-    """blocks_per_sm = 3 launches the shallower ring (3 stages at M <= 8, 2 at M <= 16)."""
+@pytest.mark.parametrize("blocks_per_sm", [3, 4])
+def test_shallow_rings(bits, blocks_per_sm):
+    """blocks_per_sm = 3 launches the shallower ring (3 stages at M <= 8, 2 at M <= 16), and
+    4 at M <= 8 the 2-stage ring."""
     qw = _make(1536, 1536, bits, 64, "zero_points", seed=11)
     prep = cd.prepare_decode(qw)
     w = qw.dequantize(torch.float64)
-    for m in (1, 16):
+    for m in (1, 8, 16):
         x = torch.randn(m, 1536, generator=torch.Generator().manual_seed(m)).half().cuda()
         out = torch.full((m, 1536), float("nan"), dtype=torch.float16, device="cuda")
-        cd.decode_matmul(x, prep, None, blocks_per_sm=3, out=out)
+        cd.decode_matmul(x, prep, None, blocks_per_sm=blocks_per_sm, out=out)
         ref = x.double() @ w.t()
         err = ((out.double() - ref).norm() / ref.norm()).item()
         assert err <= TOL[torch.float16], f"M={m}: {err:.3e}"
