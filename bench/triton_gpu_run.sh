@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # One device call for the Triton backend: build, GPU test sweep, compile warm-up, tune/bench.
-# Usage (repo root, on the GPU machine): bash bench/triton_gpu_run.sh tune|bench  (logs in $OUT)
+# Usage (repo root, on the GPU machine): bash bench/triton_gpu_run.sh tune|bench|tests  (logs in $OUT)
+# Knobs: SKIP_TESTS=1, TEST_TIMEOUT, WARM_TIMEOUT, TUNE_TIMEOUT, TUNE_ARGS (e.g. "--shapes 8192x28672
+# --ms 1,16"), BUILD_TIMEOUT. The tuned table keeps the other GPUs' entries.
 set -o pipefail
 export PYTHONUNBUFFERED=1 DQGEMM_CUDA_ARCHS=90a
 MODE=${1:-tune}
@@ -10,9 +12,13 @@ timeout ${BUILD_TIMEOUT:-100} python3 -m pip install -q --no-build-isolation --n
 # if the build failed or timed out, the Python package still imports from the tree (no _C)
 export PYTHONPATH=$PWD/python:$PWD/tests${PYTHONPATH:+:$PYTHONPATH}
 echo "build done at $(( $(date +%s) - T0 ))s"; nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv,noheader
-timeout ${TEST_TIMEOUT:-110} python3 -m pytest -n 16 -p no:cacheprovider tests/test_triton.py \
-    --maxfail=30 -rf --tb=line -W ignore -v 2>&1 | tee $OUT/tests.log | grep -E "FAIL|ERROR|passed|failed" | tail -40
-echo "tests done at $(( $(date +%s) - T0 ))s"
+if [ "${SKIP_TESTS:-0}" != "1" ]; then
+  timeout ${TEST_TIMEOUT:-110} python3 -m pytest -n 16 -p no:cacheprovider tests/test_triton.py \
+      --maxfail=30 -rf --tb=line -W ignore -v 2>&1 | tee $OUT/tests.log | grep -E "FAIL|ERROR|passed|failed" | tail -40
+  echo "tests done at $(( $(date +%s) - T0 ))s"
+fi
+# file names carry the GPU (h100, h200, ...); the table file keeps one entry per GPU
+TAG=$(python3 -c "import torch; n = torch.cuda.get_device_name(); print(next((t for t in n.replace('-', ' ').split() if len(t) >= 4 and t[0].isalpha() and t[1:].isdigit()), 'gpu').lower())")
 if [ "$MODE" = tests ]; then
   # quick check of the shipped table path (bench mode, rel. error per problem)
   timeout ${TUNE_TIMEOUT:-30} python3 bench/triton_tune.py --mode bench --shapes ${SHAPES:-28672x8192} \
@@ -25,10 +31,13 @@ done
 wait
 echo "warm done at $(( $(date +%s) - T0 ))s"; cat /tmp/warm*.log | grep -v Warning | tail -5
 if [ "$MODE" = tune ]; then
-  timeout ${TUNE_TIMEOUT:-120} python3 bench/triton_tune.py --mode tune --out $OUT/triton_tune_h100.json \
-      --table $OUT/triton_h100.json 2>&1 | tee $OUT/tune.log | grep -v Warning
+  # the shipped table, with this GPU's entry (re)written: copy it to
+  # python/dqgemm/configs/triton_h100.json after checking it
+  cp python/dqgemm/configs/triton_h100.json $OUT/triton_h100.json
+  timeout ${TUNE_TIMEOUT:-120} python3 bench/triton_tune.py --mode tune --out $OUT/triton_tune_$TAG.json \
+      --table $OUT/triton_h100.json ${TUNE_ARGS:-} 2>&1 | tee $OUT/tune.log | grep -v Warning
 else
-  timeout ${TUNE_TIMEOUT:-120} python3 bench/triton_tune.py --mode bench --out $OUT/triton_bench_h100.json \
+  timeout ${TUNE_TIMEOUT:-120} python3 bench/triton_tune.py --mode bench --out $OUT/triton_bench_$TAG.json \
       2>&1 | tee $OUT/bench.log | grep -v Warning
 fi
 echo "all done at $(( $(date +%s) - T0 ))s"

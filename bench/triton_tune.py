@@ -294,13 +294,33 @@ def write_table(path, results, meta):
         entries.append({"bits": bits, "m_min": lo, "m_max": hi, "config": cfg,
                         "note": f"any shape: geomean {statistics.geometric_mean(full[best]):.2f} "
                                 f"of per-shape best over {len(rows)} shapes"})
-    table = {"about": "Triton configs measured on the H100 by bench/triton_tune.py --mode tune "
-                      f"({meta['date']}, torch {meta['torch']}, triton {meta['triton']}); "
-                      "entries are tried in order, the first match wins; unset keys match "
-                      "anything; the heuristic in triton_common.heuristic_config serves the rest.",
-             "gpus": [{"device_name": "H100", "entries": entries}]}
+    # The GPU's entry is keyed by the short name that triton_common matches as a substring
+    # of torch.cuda.get_device_name ("NVIDIA H200" -> "H200"); an existing table keeps the
+    # other GPUs' entries.
+    name = short_device_name(meta["device"])
+    gpus = []
+    if os.path.exists(path):
+        with open(path) as f:
+            gpus = [g for g in json.load(f).get("gpus", []) if g["device_name"] != name]
+    gpus.append({"device_name": name, "tuned": f"{meta['date']}, torch {meta['torch']}, "
+                                               f"triton {meta['triton']}",
+                 "entries": entries})
+    table = {"about": "Triton configs measured per GPU by bench/triton_tune.py --mode tune; "
+                      "a GPU's entries are used when its device_name is part of the CUDA "
+                      "device name; entries are tried in order, the first match wins; unset "
+                      "keys match anything; the heuristic in triton_common.heuristic_config "
+                      "serves the rest.",
+             "gpus": gpus}
     with open(path, "w") as f:
         json.dump(table, f, indent=1)
+
+
+def short_device_name(full: str) -> str:
+    """"NVIDIA H100 80GB HBM3" -> "H100": the model token (letter + digits) of the name."""
+    for token in full.replace("-", " ").split():
+        if len(token) >= 4 and token[0].isalpha() and token[1:].isdigit():
+            return token
+    return full
 
 
 if __name__ == "__main__":
