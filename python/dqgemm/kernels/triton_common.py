@@ -34,11 +34,12 @@ captured graph never sees them move (warm up once per shape before capturing).
 Two streams running split-K layers of the same size concurrently would share a
 workspace: run them on one stream (the usual case) or give each its own process.
 
-Config choice: python/dqgemm/configs/triton_h100.json (measured on the H100, readable
-keys) first, then the heuristic in :func:`heuristic_config`. No autotuning at run time.
+Config choice: python/dqgemm/configs/triton_h100.json (one entry per GPU, measured there:
+the H100 and the H200; readable keys) first, then the heuristic in :func:`heuristic_config`.
+No autotuning at run time.
 
 Test: tests/test_triton.py (CPU: interpreter, fp16, shapes <= 256; GPU: the full sweep).
-Benchmark/tuning: bench/triton_tune.py (raw timings in bench/results/triton_tune_h100_*.json;
+Benchmark/tuning: bench/triton_tune.py (raw timings in bench/results/triton_tune_h*_*.json;
 what limits each family: bench/results/NOTES.md, section Triton).
 """
 
