@@ -25,7 +25,8 @@
 // M / (slices per warp); more slices per warp keep it under the SM's shared-memory
 // bandwidth (and several blocks per SM keep the warp count up).
 //
-// Instantiations: bits {4, 8} x dtype {fp16, bf16} x 4 token tiles = 16 kernels.
+// Instantiations: bits {4, 8} x dtype {fp16, bf16} x 4 token tiles, plus the shallower rings
+// at M <= 16 (two at M <= 8, one at M <= 16), each folded and unfolded where it can fold.
 // Zero-point mode and group size are run-time (uniform branches once per group).
 // Constraints checked here: M in 1..64, bits 4/8, fp16/bf16, K % 8 == 0, M * K < 2^31
 // (32-bit activation offsets), aligned x,
@@ -110,8 +111,9 @@ cudaError_t launch_decode_gemm(const DecodeGemmParams& p) {
   const bool gs_ok = (p.group_size_log2 >= 5 && p.group_size_log2 <= 8) ||
                      p.group_size_log2 == 30;
   if (decode_gemm_m_tile(p.m) == 0 || (p.bits != 4 && p.bits != 8) || !gs_ok ||
-      p.k % 8 != 0 || p.m * p.k >= (int64_t{1} << 31) || p.k_pad % 128 != 0 || p.n_pad % 128 != 0 || p.k_pad < p.k ||
-      p.n_pad < p.n || (reinterpret_cast<uintptr_t>(p.x) & 15u) != 0 ||
+      p.k % 8 != 0 || p.m * p.k >= (int64_t{1} << 31) || p.k_pad % 128 != 0 ||
+      p.n_pad % 128 != 0 || p.k_pad < p.k || p.n_pad < p.n ||
+      (reinterpret_cast<uintptr_t>(p.x) & 15u) != 0 ||
       p.weight == nullptr || p.scales == nullptr || p.y == nullptr || p.counters == nullptr ||
       p.workspace == nullptr ||
       (p.zero_mode != ZeroMode::kSymmetric && p.zo == nullptr)) {
