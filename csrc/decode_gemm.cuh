@@ -614,44 +614,40 @@ decode_gemm_kernel(const DecodeGemmParams p) {
   float acc[kWN16][kMT][4];
   float gacc[kSets][kWN16][kMT][4];
   float fscale[kWN16][2];  // scales (rows r, r + 8) of the group held in gacc
+  // f(i, mt, e) for each of the lane's accumulator elements: slice i, token tile mt,
+  // element e of the m16n8 C fragment (rows r + 8 (e >> 1), token 2 (lane % 4) + (e & 1)).
+  auto for_each_acc = [](auto&& f) {
 #pragma unroll
-  for (int i = 0; i < kWN16; ++i) {
-    fscale[i][0] = fscale[i][1] = 0.f;
+    for (int i = 0; i < kWN16; ++i)
 #pragma unroll
-    for (int mt = 0; mt < kMT; ++mt)
+      for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        acc[i][mt][e] = 0.f;
+        for (int e = 0; e < 4; ++e) f(i, mt, e);
+  };
 #pragma unroll
-        for (int h = 0; h < kSets; ++h) gacc[h][i][mt][e] = 0.f;
-      }
-  }
+  for (int i = 0; i < kWN16; ++i) fscale[i][0] = fscale[i][1] = 0.f;
+  for_each_acc([&](int i, int mt, int e) {
+    acc[i][mt][e] = 0.f;
+#pragma unroll
+    for (int h = 0; h < kSets; ++h) gacc[h][i][mt][e] = 0.f;
+  });
   auto fold = [&]() {
     if constexpr (kFold) {
+      for_each_acc([&](int i, int mt, int e) {
+        float v = gacc[0][i][mt][e];
 #pragma unroll
-      for (int i = 0; i < kWN16; ++i)
-#pragma unroll
-        for (int mt = 0; mt < kMT; ++mt)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            float v = gacc[0][i][mt][e];
-#pragma unroll
-            for (int h = 1; h < kSets; ++h) v += gacc[h][i][mt][e];
-            acc[i][mt][e] = fmaf(v, fscale[i][e >> 1], acc[i][mt][e]);
-          }
+        for (int h = 1; h < kSets; ++h) v += gacc[h][i][mt][e];
+        acc[i][mt][e] = fmaf(v, fscale[i][e >> 1], acc[i][mt][e]);
+      });
     }
   };
   // After the fold at a segment's end: the next stage's first fold must add nothing.
   auto clear_groups = [&]() {
     if constexpr (kFold) {
+      for_each_acc([&](int i, int mt, int e) {
 #pragma unroll
-      for (int i = 0; i < kWN16; ++i)
-#pragma unroll
-        for (int mt = 0; mt < kMT; ++mt)
-#pragma unroll
-          for (int e = 0; e < 4; ++e)
-#pragma unroll
-            for (int h = 0; h < kSets; ++h) gacc[h][i][mt][e] = 0.f;
+        for (int h = 0; h < kSets; ++h) gacc[h][i][mt][e] = 0.f;
+      });
     }
   };
   GroupRegs g[kWN16];
@@ -830,34 +826,24 @@ decode_gemm_kernel(const DecodeGemmParams p) {
       const T* bias = static_cast<const T*>(p.bias);
       T* y = static_cast<T*>(p.y);
       if (full) {
-#pragma unroll
-        for (int i = 0; i < kWN16; ++i)
-#pragma unroll
-          for (int mt = 0; mt < kMT; ++mt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              const int m = mt * 8 + (lane & 3) * 2 + (e & 1);
-              const int64_t n = n_tile0 + (warp * kWN16 + i) * 16 + (lane >> 2) + (e >> 1) * 8;
-              if (m < m_rows && n < n_out) {
-                float v = acc[i][mt][e];
-                if (bias != nullptr) v += P::to_float(bias[n]);
-                y[m * n_out + n] = P::from_float(v);
-              }
-            }
+        for_each_acc([&](int i, int mt, int e) {
+          const int m = mt * 8 + (lane & 3) * 2 + (e & 1);
+          const int64_t n = n_tile0 + (warp * kWN16 + i) * 16 + (lane >> 2) + (e >> 1) * 8;
+          if (m < m_rows && n < n_out) {
+            float v = acc[i][mt][e];
+            if (bias != nullptr) v += P::to_float(bias[n]);
+            y[m * n_out + n] = P::from_float(v);
+          }
+        });
       } else {
         // partial: write this block's slot, then count in
         const int slot = 2 * blockIdx.x + (tile == first_tile ? 0 : 1);
         float* ws = p.workspace + static_cast<int64_t>(slot) * m_rows * kBN;
-#pragma unroll
-        for (int i = 0; i < kWN16; ++i)
-#pragma unroll
-          for (int mt = 0; mt < kMT; ++mt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              const int m = mt * 8 + (lane & 3) * 2 + (e & 1);
-              const int nl = (warp * kWN16 + i) * 16 + (lane >> 2) + (e >> 1) * 8;
-              if (m < m_rows) __stcg(ws + m * kBN + nl, acc[i][mt][e]);
-            }
+        for_each_acc([&](int i, int mt, int e) {
+          const int m = mt * 8 + (lane & 3) * 2 + (e & 1);
+          const int nl = (warp * kWN16 + i) * 16 + (lane >> 2) + (e >> 1) * 8;
+          if (m < m_rows) __stcg(ws + m * kBN + nl, acc[i][mt][e]);
+        });
         __threadfence();
         __syncthreads();
         const int b_first = block_of_unit(tile * kc_per_tile, units, grid);
@@ -907,12 +893,7 @@ decode_gemm_kernel(const DecodeGemmParams p) {
           }
         }
       }
-#pragma unroll
-      for (int i = 0; i < kWN16; ++i)
-#pragma unroll
-        for (int mt = 0; mt < kMT; ++mt)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) acc[i][mt][e] = 0.f;
+      for_each_acc([&](int i, int mt, int e) { acc[i][mt][e] = 0.f; });
       seg_kc_begin = 0;
     }
     advance(tile, kc);
