@@ -22,9 +22,9 @@
 # decode ~45 s: about 5 minutes.
 # Optional steps before the tests: DECODE_QUICK=1 runs bench/cuda_decode_quick.py (cuda_decode
 # correctness of every configuration, then key timings; decode_quick.json; if it fails, the
-# benchmark and the decode run are skipped), NCU=1 profiles
-# cuda_decode with Nsight Compute (bench/cuda_decode_ncu.py $NCU_ARGS, e.g. "4096 4096"; ncu.txt), SANITIZE=1 runs
-# compute-sanitizer memcheck and racecheck on bench/cuda_decode_sanitize.py
+# benchmark and the decode run are skipped), NCU=1 profiles cuda_decode with Nsight Compute
+# (bench/cuda_decode_ncu.py $NCU_ARGS, e.g. NCU_ARGS="4096 4096" for K x N; ncu.txt),
+# SANITIZE=1 runs compute-sanitizer memcheck and racecheck on bench/cuda_decode_sanitize.py
 # (sanitize_memcheck.txt, sanitize_racecheck.txt).
 # DECODE_VARIANTS (see the end of this script) rebuilds with other nvcc flags and times
 # each variant with the quick check, after everything else.
