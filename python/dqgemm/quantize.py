@@ -1,6 +1,8 @@
 """Round-to-nearest quantization of a dense weight into the canonical format.
 
-Symmetric:  scale = absmax / (2**(bits-1) - 1), q = round(w / scale) + 2**(bits-1).
+Symmetric:  scale = absmax / qmax with qmax = 2**(bits-1) - 1,
+            q = clamp(round(w / scale), -qmax, qmax) + 2**(bits-1) (code 0, -qmax - 1, is
+            valid in the format but never produced here: see below).
 Asymmetric: the group's range is widened to include 0 (so an all-zero group stays exact),
             scale = (max - min) / (2**bits - 1), zero = round(-min / scale),
             q = clamp(round(w / scale) + zero, 0, 2**bits - 1).
@@ -8,9 +10,12 @@ Asymmetric: the group's range is widened to include 0 (so an all-zero group stay
 The codes are always computed from the scale *after* it is rounded to its storage dtype.
 Symmetric scales round up: no weight falls outside the grid, each is within half a step.
 Where rounding up would leave the group's largest magnitude below code 2**(bits-1) - 1
-(possible only with bf16 scales at 8 bits: bf16 steps reach 1/128 of the value), the scale
-rounds down instead, which still keeps every weight within half a step of the grid; so the
-largest magnitude always lands on the last code, and re-quantizing stays lossless.
+(possible only where the scale dtype's steps are coarse against 1 / qmax: bf16 scales at
+8 bits, whose steps reach 1/128 of the value, and fp16 scales in fp16's subnormal range,
+below 6.1e-5), the scale rounds down instead, and the largest magnitude (of either sign)
+clamps to code +-qmax, by less than qmax steps of the scale dtype (within half a
+quantization step unless the dtype's step is coarser than that). So the largest magnitude
+always lands on +-qmax, and re-quantizing stays lossless.
 Asymmetric scales round down (towards zero), so the group's minimum lands exactly on code 0
 and its maximum on the last code (clamped there by at most (2**bits - 1) * ulp(scale) steps,
 about 0.007 of a step for INT4 with fp16 scales): every group spans the whole grid, which
@@ -20,7 +25,10 @@ every code * scale (codes span at most 8 bits) is exact in fp32 and re-quantizin
 dequantized weight gives back the same scales.
 
 Offsets (``zero_mode="offsets"``, the GGUF Q4_1 scheme): min-max over the group,
-            scale = (max - min) / (2**bits - 1), offset = min, q = round((w - offset) / scale).
+            scale = (max - min) / (2**bits - 1), offset = min, q = round((w - offset) / scale);
+            the offset rounds to nearest (up, where nearest would put the minimum on code
+            1: bf16 at 8 bits), the scale to nearest (down, where nearest would leave the
+            maximum short of the last code), so that re-quantizing is lossless here too.
 
 The optional clipping search (``clip_search=True``) tries a few shrink factors of each
 group's range and keeps, per group, the one with the least squared error. Shrinking
@@ -107,15 +115,28 @@ def _round_scale(exact: torch.Tensor, dtype: torch.dtype, direction: str) -> tor
     return torch.where(off, bumped, rounded)
 
 
+def _round_up_signed(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x (fp32, any sign, already checked representable) rounded towards +inf in fp16 /
+    bf16 (fp32 values are kept as they are)."""
+    if dtype == torch.float32:
+        return x
+    rounded = x.to(dtype)
+    low = rounded.float() < x
+    # one step towards +inf: the next bit pattern up for positive values, down for negative
+    step = torch.where(rounded.float() >= 0, 1, -1).to(torch.int16)
+    bumped = (rounded.view(torch.int16) + step).view(dtype)   # +0.0 -> smallest subnormal
+    return torch.where(low, bumped, rounded)
+
+
 def _symmetric_scales(absmax: torch.Tensor, qmax: int, dtype: torch.dtype) -> torch.Tensor:
     """Rounded-up absmax / qmax, or rounded down where up would leave the largest magnitude
-    short of code qmax while down still keeps it within half a step (module docstring)."""
+    short of code qmax (module docstring): either way the largest magnitude lands on code
+    qmax, which is what makes re-quantizing lossless."""
     up = _round_scale(absmax / qmax, dtype, "up")
     short = absmax / up.float() <= qmax - 0.5          # NaN (absmax = 0) compares False
     if not bool(short.any()):
         return up
-    down = _round_scale(absmax / qmax, dtype, "down")
-    return torch.where(short & (absmax / down.float() < qmax + 0.5), down, up)
+    return torch.where(short, _round_scale(absmax / qmax, dtype, "down"), up)
 
 
 def _quantize_groups(w: torch.Tensor, bits: int, mode: str, scale_dtype: torch.dtype,
@@ -128,17 +149,38 @@ def _quantize_groups(w: torch.Tensor, bits: int, mode: str, scale_dtype: torch.d
         scales = _symmetric_scales(absmax, qmax, scale_dtype)
         s = scales.float()
         safe = torch.where(s == 0, torch.ones_like(s), s).unsqueeze(-1)
-        q = torch.clamp(torch.round(w / safe), -qmax - 1, qmax) + (1 << (bits - 1))
+        # +-qmax: where the scale rounded down, the most negative weight must not reach
+        # code -qmax - 1, or re-quantizing would see a larger absmax
+        q = torch.clamp(torch.round(w / safe), -qmax, qmax) + (1 << (bits - 1))
         return q, scales, None, None
     if mode == "offsets":
         # Min-max over the group itself (GGUF Q4_1 style): w ~ q * scale + offset, offset = min.
-        # Rounded to nearest: the minimum lands on code 0 (up to the offset's rounding) and
-        # the maximum on the last code, so re-quantizing is lossless.
+        # The offset rounds to nearest (the minimum lands on code 0 up to that rounding) and
+        # so does the scale, unless that leaves the top of the range short of the last code
+        # by half a step (coarse scale dtypes: bf16, fp16 subnormals): then it rounds down and
+        # the top clamps to the last code. Either way the group spans codes 0..levels, so
+        # re-quantizing is lossless.
         wmin, wmax = w.amin(dim=-1), w.amax(dim=-1)
         mid, half = (wmax + wmin) / 2, (wmax - wmin) / 2 * ratio
-        check_representable("offsets", mid - half, scale_dtype)
-        offsets = (mid - half).to(scale_dtype)
-        scales = _round_scale(2 * half / levels, scale_dtype, "nearest")
+        # ratio 1: the minimum itself (mid - half is not exactly it in fp32)
+        low = wmin if ratio == 1.0 else mid - half
+        high = wmax if ratio == 1.0 else mid + half
+        check_representable("offsets", low, scale_dtype)
+        offsets = low.to(scale_dtype)
+        span = 2 * half
+        # An offset rounded down by half a step or more (bf16 at 8 bits: its steps reach
+        # half a quantization step) would put the minimum on code 1: round it up instead,
+        # and measure the range from there.
+        below = (low - offsets.float()) * levels >= 0.5 * span * (1 - 1e-6)
+        if bool(below.any()):
+            offsets = torch.where(below, _round_up_signed(low, scale_dtype), offsets)
+            span = torch.where(below, high - offsets.float(), span)
+        scales = _round_scale(span / levels, scale_dtype, "nearest")
+        top = (high - offsets.float()) / scales.float()
+        short = top < levels - 0.5                     # NaN (scale 0) compares False
+        if bool(short.any()):
+            scales = torch.where(short, _round_scale(span / levels, scale_dtype, "down"),
+                                 scales)
         s = scales.float()
         safe = torch.where(s == 0, torch.ones_like(s), s).unsqueeze(-1)
         q = torch.clamp(torch.round((w - offsets.float().unsqueeze(-1)) / safe), 0, levels)
