@@ -126,7 +126,7 @@ def test_opcheck(mode, act_order):
     torch.library.opcheck(torch.ops.dqgemm.matmul.default, args)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40, deadline=None, derandomize=True)   # the same examples in every CI run
 @given(lead=st.lists(st.integers(0, 4), min_size=0, max_size=2), n=st.integers(1, 40),
        k_groups=st.integers(1, 3), group_size=st.sampled_from([32, 64, 128, 256, -1]),
        bits=st.sampled_from([4, 8]), mode=st.sampled_from(["symmetric", "zero_points",

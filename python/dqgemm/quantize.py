@@ -136,7 +136,16 @@ def _symmetric_scales(absmax: torch.Tensor, qmax: int, dtype: torch.dtype) -> to
     short = absmax / up.float() <= qmax - 0.5          # NaN (absmax = 0) compares False
     if not bool(short.any()):
         return up
-    return torch.where(short, _round_scale(absmax / qmax, dtype, "down"), up)
+    return _down_unless_zero(short, absmax / qmax, dtype, up)
+
+
+def _down_unless_zero(where: torch.Tensor, exact: torch.Tensor, dtype: torch.dtype,
+                      other: torch.Tensor) -> torch.Tensor:
+    """exact rounded down where ``where`` holds, except where that underflows to 0 (a
+    group smaller than the dtype's least step): ``other`` there, so the group is not
+    zeroed (it is re-quantized to the same scale again, as every group is)."""
+    down = _round_scale(exact, dtype, "down")
+    return torch.where(where & (down.float() > 0), down, other)
 
 
 def _quantize_groups(w: torch.Tensor, bits: int, mode: str, scale_dtype: torch.dtype,
@@ -179,15 +188,17 @@ def _quantize_groups(w: torch.Tensor, bits: int, mode: str, scale_dtype: torch.d
         top = (high - offsets.float()) / scales.float()
         short = top < levels - 0.5                     # NaN (scale 0) compares False
         if bool(short.any()):
-            scales = torch.where(short, _round_scale(span / levels, scale_dtype, "down"),
-                                 scales)
+            scales = _down_unless_zero(short, span / levels, scale_dtype, scales)
         s = scales.float()
         safe = torch.where(s == 0, torch.ones_like(s), s).unsqueeze(-1)
         q = torch.clamp(torch.round((w - offsets.float().unsqueeze(-1)) / safe), 0, levels)
         return q, scales, None, offsets
     wmin = w.amin(dim=-1).clamp(max=0) * ratio
     wmax = w.amax(dim=-1).clamp(min=0) * ratio
-    scales = _round_scale((wmax - wmin) / levels, scale_dtype, "down")
+    exact = (wmax - wmin) / levels
+    # down, except for a range below the dtype's least step: up (the least step) there
+    scales = _down_unless_zero(exact > 0, exact, scale_dtype,
+                               _round_scale(exact, scale_dtype, "up"))
     s = scales.float()
     safe = torch.where(s == 0, torch.ones_like(s), s)
     zeros = torch.clamp(torch.round(-wmin / safe), 0, levels)
