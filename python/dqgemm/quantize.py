@@ -19,7 +19,9 @@ always lands on +-qmax, and re-quantizing stays lossless.
 Asymmetric scales round down (towards zero), so the group's minimum lands exactly on code 0
 and its maximum on the last code (clamped there by at most (2**bits - 1) * ulp(scale) steps,
 about 0.007 of a step for INT4 with fp16 scales): every group spans the whole grid, which
-makes re-quantizing a dequantized weight lossless.
+makes re-quantizing a dequantized weight lossless. (A scale that would round down to 0, a
+group spanning less than the dtype's least step, takes that least step instead; the group
+then sits inside the grid and still re-quantizes to itself.)
 float32 scales keep FP32_SCALE_BITS = 16 significant bits (rounded the same way), so that
 every code * scale (codes span at most 8 bits) is exact in fp32 and re-quantizing a
 dequantized weight gives back the same scales.
