@@ -123,6 +123,8 @@ def configs(args):
                                             planes=True)),
                      (bits, tc.TritonConfig("gemm", block_m=128, block_n=128, block_k=64,
                                             num_warps=8)),
+                     (bits, tc.TritonConfig("gemm", block_m=128, block_n=128, block_k=64,
+                                            num_warps=8, w_lhs=True)),
                      (bits, tc.TritonConfig("dequant", block_m=1, block_n=128,
                                             block_k=16 * e, num_stages=1))]
         return seen
@@ -174,6 +176,7 @@ def main():
             print(f"{c.family:8s} bits={bits} bm={c.block_m:3d} bn={c.block_n:3d} "
                   f"bk={c.block_k:4d} w={c.num_warps} st={c.num_stages} "
                   f"{'planes ' if c.planes else ''}{'shiftless ' if c.shiftless else ''}"
+                  f"{'w_lhs ' if c.w_lhs else ''}"
                   f"zm={v.zero_mode} act={int(v.act_order)} gps={int(v.group_per_step)} "
                   f"{v.dtype}: " + (f"smem={row['shared_bytes']} regs={row['registers']} "
                                     f"spill={row['spill_store_bytes']}"

@@ -201,7 +201,7 @@ def test_kernels_compile_for_sm90_without_a_gpu():
 # CPU: the kernels in Triton's interpreter (fp16, shapes <= 256).
 # ----------------------------------------------------------------------------------------
 
-CPU_FAMILIES = ("gemv", "shiftless", "splitk", "planes", "gemm", "dequant")
+CPU_FAMILIES = ("gemv", "shiftless", "splitk", "planes", "gemm", "gemm_lhs", "dequant")
 
 
 def _cpu_cases():
@@ -210,7 +210,8 @@ def _cpu_cases():
     modes = ("symmetric", "zero_points", "offsets")
     group_sizes = (32, 64, 128, 256, -1)
     ms = {"splitk": (3, 16, 17, 5, 2), "planes": (2, 17, 16, 3, 33),
-          "gemm": (64, 129, 17, 70, 33), "dequant": (5, 129, 64, 1, 20)}
+          "gemm": (64, 129, 17, 70, 33), "gemm_lhs": (70, 33, 64, 129, 17),
+          "dequant": (5, 129, 64, 1, 20)}
     cases = []
     i = 0
     for family, bits in itertools.product(CPU_FAMILIES, (4, 8)):
@@ -240,6 +241,8 @@ def _cpu_config(family, bits, split):
                                split_k=split, planes=True)
     if family == "dequant":
         return tc.TritonConfig("dequant", block_m=1, block_n=64, block_k=8 * e)
+    if family == "gemm_lhs":   # the weight as the dot's LHS (out^T = W x^T)
+        return tc.TritonConfig("gemm", block_m=32, block_n=64, block_k=64, w_lhs=True)
     return tc.TritonConfig("gemm", block_m=32, block_n=64, block_k=64)
 
 

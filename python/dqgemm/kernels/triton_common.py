@@ -148,6 +148,8 @@ class TritonConfig:
     shiftless: bool = False  # gemv only: read codes in place, scale x instead (see gemv)
     row_reduce: bool = False  # gemv only: [BLOCK_N] accumulator, rows folded every step
     prefetch: bool = True     # gemv only: register double buffer of the next step's words
+    w_lhs: bool = False       # gemm only: out^T = W x^T, the weight as the dot's LHS
+                              # (register-A wgmma on Hopper; see triton_gemm.py)
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -428,6 +430,9 @@ def candidate_configs(bits: int, m: int) -> List[TritonConfig]:
         # group 32/64 weights: bench/triton_aot_check.py; 64 fits every variant)
         out.append(TritonConfig("gemm", block_m=bm, block_n=128, block_k=64, num_warps=8,
                                 num_stages=3 if bm == 64 else 4))
+        # not yet timed: the weight on the LHS (register-A wgmma), tokens as the dot's N
+        out.append(TritonConfig("gemm", block_m=bm, block_n=128, block_k=64, num_warps=8,
+                                num_stages=3 if bm == 64 else 4, w_lhs=True))
     if m >= 128:
         out.append(TritonConfig("splitk", block_m=128, block_n=128, block_k=64, num_warps=8,
                                 num_stages=3))

@@ -13,6 +13,12 @@ the BLOCK_M-fold reuse of each dequantized code hides that), codes shifted out b
 Per element of the weight tile: shift, and-or, subtract, multiply, convert: the
 dequantization competes with the mma for issue slots, which is why large BLOCK_M matters.
 
+W_LHS (config option w_lhs): the same product computed transposed, out^T = W x^T, with the
+dequantized weight tile as the dot's left operand. On Hopper, Triton lowers a dot whose LHS
+is computed in registers to the register-A form of wgmma; with the weight on the right it
+must first store the dequantized tile to shared memory (the SS form). A tuning candidate
+(bench/triton_tune.py); the shipped tables were measured before it existed.
+
 Constraints: any M (meant for M > 64), any N, K.
 Test: tests/test_triton.py. Benchmark: bench/triton_tune.py.
 """
@@ -29,7 +35,7 @@ if triton is not None:
                      BITS: tl.constexpr, ZERO_MODE: tl.constexpr, ACT_ORDER: tl.constexpr,
                      GROUP_PER_STEP: tl.constexpr, HAS_BIAS: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     GROUP_M: tl.constexpr):
+                     GROUP_M: tl.constexpr, W_LHS: tl.constexpr):
         E: tl.constexpr = 32 // BITS
         MASK: tl.constexpr = (1 << BITS) - 1
         MAGIC: tl.constexpr = 0x4B000000  # bits of 2.0**23
@@ -48,9 +54,13 @@ if triton is not None:
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
         offs_k = tl.arange(0, BLOCK_K)
-        shifts = ((offs_k % E) * BITS)[:, None]
-        x_rows = x_ptr + offs_m[:, None] * stride_xm
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if W_LHS:
+            # tiles [BLOCK_N, BLOCK_K] (weight) and [BLOCK_K, BLOCK_M] (x^T); acc = out^T
+            shifts = ((offs_k % E) * BITS)[None, :]
+            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        else:
+            shifts = ((offs_k % E) * BITS)[:, None]
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             k = k0 + offs_k
             mask_k = k < K
@@ -58,34 +68,59 @@ if triton is not None:
                 src = tl.load(perm_ptr + k, mask=mask_k, other=0)
             else:
                 src = k
-            a = tl.load(x_rows + src[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-            mask_kn = mask_k[:, None] & mask_n[None, :]
-            words = tl.load(w_ptr + (k // E)[:, None] * N + offs_n[None, :], mask=mask_kn,
-                            other=0)
+            if W_LHS:
+                a = tl.load(x_ptr + offs_m[None, :] * stride_xm + src[:, None],
+                            mask=mask_m[None, :] & mask_k[:, None], other=0.0)
+                mask_w = mask_n[:, None] & mask_k[None, :]
+                w_offs = (k // E)[None, :] * N + offs_n[:, None]
+            else:
+                a = tl.load(x_ptr + offs_m[:, None] * stride_xm + src[None, :],
+                            mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+                mask_w = mask_k[:, None] & mask_n[None, :]
+                w_offs = (k // E)[:, None] * N + offs_n[None, :]
+            words = tl.load(w_ptr + w_offs, mask=mask_w, other=0)
             qf = (((words >> shifts) & MASK) | MAGIC).to(tl.float32, bitcast=True)
             if GROUP_PER_STEP:
                 g = k0 // GS
                 s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-                s = s[None, :]
                 if ZERO_MODE != 0:
-                    z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0)[None, :]
+                    z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0)
+                if W_LHS:
+                    s = s[:, None]
+                    if ZERO_MODE != 0:
+                        z = z[:, None]
+                else:
+                    s = s[None, :]
+                    if ZERO_MODE != 0:
+                        z = z[None, :]
             else:
-                gofs = (k // GS)[:, None] * N + offs_n[None, :]
-                s = tl.load(s_ptr + gofs, mask=mask_kn, other=0.0).to(tl.float32)
+                if W_LHS:
+                    gofs = (k // GS)[None, :] * N + offs_n[:, None]
+                else:
+                    gofs = (k // GS)[:, None] * N + offs_n[None, :]
+                s = tl.load(s_ptr + gofs, mask=mask_w, other=0.0).to(tl.float32)
                 if ZERO_MODE != 0:
-                    z = tl.load(z_ptr + gofs, mask=mask_kn, other=0.0)
+                    z = tl.load(z_ptr + gofs, mask=mask_w, other=0.0)
             if ZERO_MODE == 0:
                 w = (qf - SYM_BIAS) * s
             elif ZERO_MODE == 1:
                 w = ((qf - 8388608.0) - z) * s
             else:
                 w = (qf - 8388608.0) * s + z
-            acc = tl.dot(a, w.to(DT), acc)
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        offs_out = offs_m[:, None] * N + offs_n[None, :]
-        tl.store(out_ptr + offs_out, acc.to(out_ptr.dtype.element_ty),
-                 mask=mask_m[:, None] & mask_n[None, :])
+            if W_LHS:
+                acc = tl.dot(w.to(DT), a, acc)
+            else:
+                acc = tl.dot(a, w.to(DT), acc)
+        if W_LHS:
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+            tl.store(out_ptr + offs_m[None, :] * N + offs_n[:, None],
+                     acc.to(out_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_m[None, :])
+        else:
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :],
+                     acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
 def constexprs(cfg, bits, zero_mode, act_order, group_per_step, has_bias, use_ws=False):
@@ -93,7 +128,8 @@ def constexprs(cfg, bits, zero_mode, act_order, group_per_step, has_bias, use_ws
     del use_ws  # one program per tile: no split-K workspace
     return dict(BITS=bits, ZERO_MODE=zero_mode, ACT_ORDER=act_order,
                 GROUP_PER_STEP=group_per_step, HAS_BIAS=has_bias, BLOCK_M=cfg.block_m,
-                BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m)
+                BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+                W_LHS=cfg.w_lhs)
 
 
 def launch(x, args, bias, cfg, out):
