@@ -18,7 +18,7 @@ if [ "${SKIP_TESTS:-0}" != "1" ]; then
   echo "tests done at $(( $(date +%s) - T0 ))s"
 fi
 # file names carry the GPU (h100, h200, ...); the table file keeps one entry per GPU
-TAG=$(python3 -c "import torch; n = torch.cuda.get_device_name(); print(next((t for t in n.replace('-', ' ').split() if len(t) >= 4 and t[0].isalpha() and t[1:].isdigit()), 'gpu').lower())")
+TAG=$(python3 -c "import re, sys, torch; sys.path.insert(0, 'bench'); from triton_tune import short_device_name; print(re.sub(r'\W+', '_', short_device_name(torch.cuda.get_device_name())).lower())")
 if [ "$MODE" = tests ]; then
   # quick check of the shipped table path (bench mode, rel. error per problem)
   timeout ${TUNE_TIMEOUT:-30} python3 bench/triton_tune.py --mode bench --shapes ${SHAPES:-28672x8192} \

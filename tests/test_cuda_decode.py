@@ -214,9 +214,11 @@ def _make(n, k, bits, group_size, mode="symmetric", seed=0, act_order=False):
     return qw
 
 
-def _check(qw, m, dtype, bias=False, seed=1, repeats=1):
+def _check(qw, m, dtype, bias=False, seed=1, repeats=1, x=None):
+    """x: fresh random [m, K] activations unless given."""
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(m, qw.in_features, generator=gen).to(dtype).cuda()
+    if x is None:
+        x = torch.randn(m, qw.in_features, generator=gen).to(dtype).cuda()
     b = (torch.randn(qw.out_features, generator=gen) * 0.1).to(dtype).cuda() if bias else None
     prep = cd.prepare_decode(qw)
     outs = []
@@ -275,13 +277,7 @@ def test_activations_of_one_sign(bits, group_size, mode, dtype):
         gen = torch.Generator().manual_seed(m)
         x = torch.randn(m, 8192, generator=gen).abs() + 1.0
         x[:, 100] = 60.0
-        x = x.to(dtype).cuda()
-        prep = cd.prepare_decode(qw)
-        out = torch.full((m, 384), float("nan"), dtype=dtype, device="cuda")
-        cd.decode_matmul(x, prep, None, out=out)
-        ref = x.double() @ qw.dequantize(torch.float64).t()
-        err = ((out.double() - ref).norm() / ref.norm()).item()
-        assert err <= TOL[dtype], f"M={m}: {err:.3e}"
+        _check(qw, m, dtype, x=x.to(dtype).cuda())
 
 
 @gpu

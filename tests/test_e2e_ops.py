@@ -15,16 +15,13 @@ import pytest
 import torch
 
 from dqgemm.bench import e2e_ops
+from _util import rel_error
 
 HAS_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_GPU else "cpu"
 needs_triton = pytest.mark.skipif(
     e2e_ops.TRITON_ERROR is not None or not (HAS_GPU or os.environ.get("TRITON_INTERPRET") == "1"),
     reason=e2e_ops.TRITON_ERROR or "needs a GPU or TRITON_INTERPRET=1")
-
-
-def _rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def _randn(*shape, seed):
@@ -43,7 +40,7 @@ def test_add_rmsnorm_matches_torch(hidden, with_residual):
     h, y = e2e_ops.add_rmsnorm(x, res, w, 1e-5, "triton")
     assert torch.equal(h, h_t)          # one fp16 add either way
     assert torch.isfinite(y).all()
-    assert _rel(y, y_t) < 2e-3
+    assert rel_error(y, y_t) < 2e-3
 
 
 @needs_triton
@@ -61,8 +58,8 @@ def test_rope_to_cache_matches_torch():
         caches[impl] = (q, kc, vc)
     (q_t, k_t, v_t), (q, k, v) = caches["torch"], caches["triton"]
     assert q.shape == (b, nh, d) and torch.isfinite(q).all()
-    assert _rel(q, q_t) < 2e-3
-    assert _rel(k[:, :, pos], k_t[:, :, pos]) < 2e-3
+    assert rel_error(q, q_t) < 2e-3
+    assert rel_error(k[:, :, pos], k_t[:, :, pos]) < 2e-3
     assert torch.equal(v[:, :, pos], v_t[:, :, pos])
     # every other position is untouched
     others = [i for i in range(s) if i != pos]
@@ -77,7 +74,7 @@ def test_silu_mul_matches_torch(inter):
     ref = e2e_ops.silu_mul(gu, "torch")
     out = e2e_ops.silu_mul(gu, "triton")
     assert out.shape == (3, 1, inter) and torch.isfinite(out).all()
-    assert _rel(out, ref) < 2e-3
+    assert rel_error(out, ref) < 2e-3
 
 
 @needs_triton
@@ -97,7 +94,7 @@ def test_tiny_model_step_is_the_same_with_either_implementation():
             net.step(state)
         logits[impl] = state.logits.clone()
     assert torch.isfinite(logits["triton"]).all()
-    assert _rel(logits["triton"], logits["torch"]) < 5e-3
+    assert rel_error(logits["triton"], logits["torch"]) < 5e-3
 
 
 def test_bad_arguments_name_themselves():

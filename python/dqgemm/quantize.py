@@ -111,10 +111,16 @@ def _round_scale(exact: torch.Tensor, dtype: torch.dtype, direction: str) -> tor
     off = rounded.float() < exact if direction == "up" else rounded.float() > exact
     if not bool(off.any()):
         return rounded
-    step = 1 if direction == "up" else -1
-    # fp16 / bf16, values >= 0: neighbours are the adjacent bit patterns.
-    bumped = (rounded.view(torch.int16) + step).view(dtype)
-    return torch.where(off, bumped, rounded)
+    return torch.where(off, _neighbour(rounded, direction == "up"), rounded)
+
+
+def _neighbour(rounded: torch.Tensor, up: bool) -> torch.Tensor:
+    """fp16 / bf16 values one step towards +inf (up) or -inf: the adjacent bit pattern,
+    +1 where that grows the value (positive going up, negative going down), else -1
+    (+0.0 going up gives the smallest subnormal)."""
+    bits = rounded.view(torch.int16)
+    step = torch.where((bits >= 0) == up, 1, -1).to(torch.int16)
+    return (bits + step).view(rounded.dtype)
 
 
 def _round_up_signed(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -123,11 +129,7 @@ def _round_up_signed(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if dtype == torch.float32:
         return x
     rounded = x.to(dtype)
-    low = rounded.float() < x
-    # one step towards +inf: the next bit pattern up for positive values, down for negative
-    step = torch.where(rounded.float() >= 0, 1, -1).to(torch.int16)
-    bumped = (rounded.view(torch.int16) + step).view(dtype)   # +0.0 -> smallest subnormal
-    return torch.where(low, bumped, rounded)
+    return torch.where(rounded.float() < x, _neighbour(rounded, True), rounded)
 
 
 def _symmetric_scales(absmax: torch.Tensor, qmax: int, dtype: torch.dtype) -> torch.Tensor:
