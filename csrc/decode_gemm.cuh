@@ -281,12 +281,12 @@ __device__ __forceinline__ GroupConsts group_consts() {
 }
 
 // kPairs: also the scale / offset pairs that the unfolded dequantization multiplies by (the
-// folded kernels need only the fp32 scales and the biases).
+// folded kernels need only the fp32 scales and the biases). sw: the lane's scale word
+// (rows r, r + 8); zw: its zero-point or offset word (unused when symmetric).
 template <typename T, bool kPairs>
-__device__ __forceinline__ void load_group(GroupRegs& g, uint32_t s_addr, uint32_t zo_addr,
-                                           int mode, const GroupConsts& c) {
+__device__ __forceinline__ void group_from_words(GroupRegs& g, uint32_t sw, uint32_t zw,
+                                                 int mode, const GroupConsts& c) {
   using P = Pair<T>;
-  const uint32_t sw = lds32(s_addr);
   if constexpr (kPairs) {
     g.s_lo = lo_pair(sw);
     g.s_hi = hi_pair(sw);
@@ -295,16 +295,14 @@ __device__ __forceinline__ void load_group(GroupRegs& g, uint32_t s_addr, uint32
   g.fs_hi = P::to_float(bits_to<T>(sw >> 16));
   g.o_lo = g.o_hi = 0u;
   if (mode == static_cast<int>(ZeroMode::kZeroPoint)) {
-    const uint32_t zw = lds32(zo_addr);
     g.nz_lo = P::fma(lo_pair(zw), P::kNegOne, c.neg_magic);
     g.nz_hi = P::fma(hi_pair(zw), P::kNegOne, c.neg_magic_hi);
   } else if (mode == static_cast<int>(ZeroMode::kOffset)) {
-    const uint32_t ow = lds32(zo_addr);
     g.nz_lo = c.neg_magic;
     g.nz_hi = c.neg_magic_hi;
     if constexpr (kPairs) {
-      g.o_lo = lo_pair(ow);
-      g.o_hi = hi_pair(ow);
+      g.o_lo = lo_pair(zw);
+      g.o_hi = hi_pair(zw);
     }
   } else {
     g.nz_lo = c.nz_sym_lo;
@@ -312,29 +310,41 @@ __device__ __forceinline__ void load_group(GroupRegs& g, uint32_t s_addr, uint32
   }
 }
 
+template <typename T, bool kPairs>
+__device__ __forceinline__ void load_group(GroupRegs& g, uint32_t s_addr, uint32_t zo_addr,
+                                           int mode, const GroupConsts& c) {
+  const uint32_t sw = lds32(s_addr);
+  const uint32_t zw = mode != static_cast<int>(ZeroMode::kSymmetric) ? lds32(zo_addr) : 0u;
+  group_from_words<T, kPairs>(g, sw, zw, mode, c);
+}
+
 __device__ __forceinline__ float bf16_lo(uint32_t w) { return __uint_as_float(w << 16); }
 __device__ __forceinline__ float bf16_hi(uint32_t w) { return __uint_as_float(w & 0xFFFF0000u); }
 
-__device__ __forceinline__ void load_group_f32(GroupRegsF32& g, uint32_t s_addr,
-                                               uint32_t zo_addr, int mode) {
+__device__ __forceinline__ void group_from_words_f32(GroupRegsF32& g, uint32_t sw, uint32_t zw,
+                                                     int mode) {
   constexpr float kMagic = 8388608.0f;  // 2^23: a byte OR-ed into its mantissa is exact
-  const uint32_t sw = lds32(s_addr);
   g.s_lo = bf16_lo(sw);
   g.s_hi = bf16_hi(sw);
   if (mode == static_cast<int>(ZeroMode::kZeroPoint)) {
-    const uint32_t zw = lds32(zo_addr);
     g.nz_lo = -(kMagic + bf16_lo(zw));
     g.nz_hi = -(kMagic + bf16_hi(zw));
     g.o_lo = g.o_hi = 0.f;
   } else if (mode == static_cast<int>(ZeroMode::kOffset)) {
-    const uint32_t ow = lds32(zo_addr);
     g.nz_lo = g.nz_hi = -kMagic;
-    g.o_lo = bf16_lo(ow);
-    g.o_hi = bf16_hi(ow);
+    g.o_lo = bf16_lo(zw);
+    g.o_hi = bf16_hi(zw);
   } else {
     g.nz_lo = g.nz_hi = -(kMagic + 128.f);
     g.o_lo = g.o_hi = 0.f;
   }
+}
+
+__device__ __forceinline__ void load_group_f32(GroupRegsF32& g, uint32_t s_addr,
+                                               uint32_t zo_addr, int mode) {
+  const uint32_t sw = lds32(s_addr);
+  const uint32_t zw = mode != static_cast<int>(ZeroMode::kSymmetric) ? lds32(zo_addr) : 0u;
+  group_from_words_f32(g, sw, zw, mode);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -484,6 +494,112 @@ __device__ __forceinline__ int64_t first_unit_of_block(int b, int64_t units, int
   return static_cast<int64_t>(b) * units / grid;
 }
 
+// f(i, mt, e) for each of a lane's accumulator elements: slice i of kWN16, token tile mt of
+// kMT, element e of the m16n8 C fragment (rows r + 8 (e >> 1), token 2 (lane % 4) + (e & 1)).
+template <int kWN16, int kMT, typename F>
+__device__ __forceinline__ void for_each_acc(F&& f) {
+#pragma unroll
+  for (int i = 0; i < kWN16; ++i)
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) f(i, mt, e);
+}
+
+// ---------------------------------------------------------------------------------------
+// End of a segment (the part of one n_tile a block computed): write y directly when the
+// segment covers the whole K; otherwise store the block's fp32 partial sums in its slot of
+// the workspace and count in, and let the last block to arrive sum every slot of the tile
+// in block order (bitwise reproducible), write y and reset the tile's counter. Called by
+// every thread of the block (it synchronizes the block on the partial path). acc holds the
+// lane's m16n8 C fragments: slice i of the warp's kWN16, token tile mt, element e.
+// ---------------------------------------------------------------------------------------
+template <typename T, int kWN16, int kMT, int kThreads>
+__device__ __forceinline__ void finish_segment(const DecodeGemmParams& p,
+                                               const float (&acc)[kWN16][kMT][4], bool full,
+                                               int64_t tile, int64_t first_tile, int64_t units,
+                                               int kc_per_tile, int& s_last) {
+  using P = Pair<T>;
+  constexpr int kBN = 128;
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  const int m_rows = static_cast<int>(p.m);
+  const int64_t n_out = p.n;
+  const int grid = gridDim.x;
+  const int64_t n_tile0 = tile * kBN;
+  const T* bias = static_cast<const T*>(p.bias);
+  T* y = static_cast<T*>(p.y);
+  if (full) {
+    for_each_acc<kWN16, kMT>([&](int i, int mt, int e) {
+      const int m = mt * 8 + (lane & 3) * 2 + (e & 1);
+      const int64_t n = n_tile0 + (warp * kWN16 + i) * 16 + (lane >> 2) + (e >> 1) * 8;
+      if (m < m_rows && n < n_out) {
+        float v = acc[i][mt][e];
+        if (bias != nullptr) v += P::to_float(bias[n]);
+        y[m * n_out + n] = P::from_float(v);
+      }
+    });
+  } else {
+    // partial: write this block's slot, then count in
+    const int slot = 2 * blockIdx.x + (tile == first_tile ? 0 : 1);
+    float* ws = p.workspace + static_cast<int64_t>(slot) * m_rows * kBN;
+    for_each_acc<kWN16, kMT>([&](int i, int mt, int e) {
+      const int m = mt * 8 + (lane & 3) * 2 + (e & 1);
+      const int nl = (warp * kWN16 + i) * 16 + (lane >> 2) + (e >> 1) * 8;
+      if (m < m_rows) __stcg(ws + m * kBN + nl, acc[i][mt][e]);
+    });
+    __threadfence();
+    __syncthreads();
+    const int b_first = block_of_unit(tile * kc_per_tile, units, grid);
+    const int b_last = block_of_unit(tile * kc_per_tile + kc_per_tile - 1, units, grid);
+    if (tid == 0) {
+      const int arrived = atomicAdd(p.counters + tile, 1);
+      s_last = arrived == b_last - b_first;
+      if (s_last) p.counters[tile] = 0;  // every contributor has counted: reset for reuse
+    }
+    __syncthreads();
+    if (s_last) {
+      __threadfence();
+      // Contributors b_first..b_last in block order. Block b > b_first starts inside
+      // this tile, so its segment here is its first (slot 2b); b_first's is its first
+      // segment only if it starts exactly at the tile's first unit.
+      const int64_t slot_floats = static_cast<int64_t>(m_rows) * kBN;
+      const bool starts_here =
+          first_unit_of_block(b_first, units, grid) == tile * kc_per_tile;
+      const float4* first = reinterpret_cast<const float4*>(
+          p.workspace + (2 * static_cast<int64_t>(b_first) + (starts_here ? 0 : 1)) *
+                            slot_floats);
+      const int vecs = m_rows * kBN / 4;
+      for (int v = tid; v < vecs; v += kThreads) {
+        float4 sum = __ldcg(first + v);
+#pragma unroll 4
+        for (int b = b_first + 1; b <= b_last; ++b) {
+          const float4 t = __ldcg(reinterpret_cast<const float4*>(
+                                      p.workspace + 2 * static_cast<int64_t>(b) * slot_floats) +
+                                  v);
+          sum.x += t.x;
+          sum.y += t.y;
+          sum.z += t.z;
+          sum.w += t.w;
+        }
+        const int m = (v * 4) / kBN;
+        const int nl = (v * 4) - m * kBN;
+        const float vals[4] = {sum.x, sum.y, sum.z, sum.w};
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int64_t n = n_tile0 + nl + e;
+          if (n < n_out) {
+            float val = vals[e];
+            if (bias != nullptr) val += P::to_float(bias[n]);
+            y[m * n_out + n] = P::from_float(val);
+          }
+        }
+      }
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------
 // The kernel.
 // ---------------------------------------------------------------------------------------
@@ -505,7 +621,6 @@ decode_gemm_kernel(const DecodeGemmParams p) {
   const int lane = tid & 31;
   const int warp = tid >> 5;
   const int m_rows = static_cast<int>(p.m);
-  const int64_t n_out = p.n;
   const int64_t k_real = p.k;
   // The last stage of a tile may hold fewer k blocks than BK / span (K_pad is a multiple
   // of 128 only): its missing chunks are neither loaded nor computed.
@@ -614,26 +729,16 @@ decode_gemm_kernel(const DecodeGemmParams p) {
   float acc[kWN16][kMT][4];
   float gacc[kSets][kWN16][kMT][4];
   float fscale[kWN16][2];  // scales (rows r, r + 8) of the group held in gacc
-  // f(i, mt, e) for each of the lane's accumulator elements: slice i, token tile mt,
-  // element e of the m16n8 C fragment (rows r + 8 (e >> 1), token 2 (lane % 4) + (e & 1)).
-  auto for_each_acc = [](auto&& f) {
-#pragma unroll
-    for (int i = 0; i < kWN16; ++i)
-#pragma unroll
-      for (int mt = 0; mt < kMT; ++mt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) f(i, mt, e);
-  };
 #pragma unroll
   for (int i = 0; i < kWN16; ++i) fscale[i][0] = fscale[i][1] = 0.f;
-  for_each_acc([&](int i, int mt, int e) {
+  for_each_acc<kWN16, kMT>([&](int i, int mt, int e) {
     acc[i][mt][e] = 0.f;
 #pragma unroll
     for (int h = 0; h < kSets; ++h) gacc[h][i][mt][e] = 0.f;
   });
   auto fold = [&]() {
     if constexpr (kFold) {
-      for_each_acc([&](int i, int mt, int e) {
+      for_each_acc<kWN16, kMT>([&](int i, int mt, int e) {
         float v = gacc[0][i][mt][e];
 #pragma unroll
         for (int h = 1; h < kSets; ++h) v += gacc[h][i][mt][e];
@@ -644,7 +749,7 @@ decode_gemm_kernel(const DecodeGemmParams p) {
   // After the fold at a segment's end: the next stage's first fold must add nothing.
   auto clear_groups = [&]() {
     if constexpr (kFold) {
-      for_each_acc([&](int i, int mt, int e) {
+      for_each_acc<kWN16, kMT>([&](int i, int mt, int e) {
 #pragma unroll
         for (int h = 0; h < kSets; ++h) gacc[h][i][mt][e] = 0.f;
       });
@@ -822,78 +927,9 @@ decode_gemm_kernel(const DecodeGemmParams p) {
       fold();
       clear_groups();
       const bool full = seg_kc_begin == 0 && kc == kc_per_tile - 1;
-      const int64_t n_tile0 = tile * kBN;
-      const T* bias = static_cast<const T*>(p.bias);
-      T* y = static_cast<T*>(p.y);
-      if (full) {
-        for_each_acc([&](int i, int mt, int e) {
-          const int m = mt * 8 + (lane & 3) * 2 + (e & 1);
-          const int64_t n = n_tile0 + (warp * kWN16 + i) * 16 + (lane >> 2) + (e >> 1) * 8;
-          if (m < m_rows && n < n_out) {
-            float v = acc[i][mt][e];
-            if (bias != nullptr) v += P::to_float(bias[n]);
-            y[m * n_out + n] = P::from_float(v);
-          }
-        });
-      } else {
-        // partial: write this block's slot, then count in
-        const int slot = 2 * blockIdx.x + (tile == first_tile ? 0 : 1);
-        float* ws = p.workspace + static_cast<int64_t>(slot) * m_rows * kBN;
-        for_each_acc([&](int i, int mt, int e) {
-          const int m = mt * 8 + (lane & 3) * 2 + (e & 1);
-          const int nl = (warp * kWN16 + i) * 16 + (lane >> 2) + (e >> 1) * 8;
-          if (m < m_rows) __stcg(ws + m * kBN + nl, acc[i][mt][e]);
-        });
-        __threadfence();
-        __syncthreads();
-        const int b_first = block_of_unit(tile * kc_per_tile, units, grid);
-        const int b_last = block_of_unit(tile * kc_per_tile + kc_per_tile - 1, units, grid);
-        if (tid == 0) {
-          const int arrived = atomicAdd(p.counters + tile, 1);
-          s_last = arrived == b_last - b_first;
-          if (s_last) p.counters[tile] = 0;  // every contributor has counted: reset for reuse
-        }
-        __syncthreads();
-        if (s_last) {
-          __threadfence();
-          // Contributors b_first..b_last in block order. Block b > b_first starts inside
-          // this tile, so its segment here is its first (slot 2b); b_first's is its first
-          // segment only if it starts exactly at the tile's first unit.
-          const int64_t slot_floats = static_cast<int64_t>(m_rows) * kBN;
-          const bool starts_here =
-              first_unit_of_block(b_first, units, grid) == tile * kc_per_tile;
-          const float4* first = reinterpret_cast<const float4*>(
-              p.workspace + (2 * static_cast<int64_t>(b_first) + (starts_here ? 0 : 1)) *
-                                slot_floats);
-          const int vecs = m_rows * kBN / 4;
-          for (int v = tid; v < vecs; v += kThreads) {
-            float4 sum = __ldcg(first + v);
-#pragma unroll 4
-            for (int b = b_first + 1; b <= b_last; ++b) {
-              const float4 t = __ldcg(reinterpret_cast<const float4*>(
-                                          p.workspace + 2 * static_cast<int64_t>(b) * slot_floats) +
-                                      v);
-              sum.x += t.x;
-              sum.y += t.y;
-              sum.z += t.z;
-              sum.w += t.w;
-            }
-            const int m = (v * 4) / kBN;
-            const int nl = (v * 4) - m * kBN;
-            const float vals[4] = {sum.x, sum.y, sum.z, sum.w};
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              const int64_t n = n_tile0 + nl + e;
-              if (n < n_out) {
-                float val = vals[e];
-                if (bias != nullptr) val += P::to_float(bias[n]);
-                y[m * n_out + n] = P::from_float(val);
-              }
-            }
-          }
-        }
-      }
-      for_each_acc([&](int i, int mt, int e) { acc[i][mt][e] = 0.f; });
+      finish_segment<T, kWN16, kMT, kThreads>(p, acc, full, tile, first_tile, units,
+                                              kc_per_tile, s_last);
+      for_each_acc<kWN16, kMT>([&](int i, int mt, int e) { acc[i][mt][e] = 0.f; });
       seg_kc_begin = 0;
     }
     advance(tile, kc);

@@ -261,7 +261,8 @@ def test_interpreter_sweep(family, bits, gs, mode, act, m, n, k, split, with_bia
 @needs_triton
 @needs_cpu_interpreter
 @pytest.mark.parametrize("family,bits,k,n,m", [("gemv", 4, 77, 33, 1), ("splitk", 4, 77, 1, 3),
-                                               ("dequant", 8, 99, 17, 2), ("gemm", 4, 33, 5, 4)])
+                                               ("dequant", 8, 99, 17, 2), ("gemm", 4, 33, 5, 4),
+                                               ("gemm_lhs", 4, 33, 5, 4)])
 def test_interpreter_odd_shapes(family, bits, k, n, m):
     """K not a multiple of the codes per word (padding codes must add nothing), N = 1."""
     qw = make_weight(n, k, bits, -1, "zero_points", False, torch.float16, k + n, "cpu")

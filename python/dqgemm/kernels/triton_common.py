@@ -430,9 +430,14 @@ def candidate_configs(bits: int, m: int) -> List[TritonConfig]:
         # group 32/64 weights: bench/triton_aot_check.py; 64 fits every variant)
         out.append(TritonConfig("gemm", block_m=bm, block_n=128, block_k=64, num_warps=8,
                                 num_stages=3 if bm == 64 else 4))
-        # not yet timed: the weight on the LHS (register-A wgmma), tokens as the dot's N
-        out.append(TritonConfig("gemm", block_m=bm, block_n=128, block_k=64, num_warps=8,
-                                num_stages=3 if bm == 64 else 4, w_lhs=True))
+        # the weight on the LHS (register-A wgmma), tokens as the dot's N: 64-256 tokens
+        # per tile (the dequantization of a weight tile is paid once per token tile)
+        for bm_lhs, bk, st in ((bm, 64, 3 if bm == 64 else 4), (bm, 128, 3),
+                               (256 if m >= 256 else bm, 64, 3)):
+            cfg = TritonConfig("gemm", block_m=bm_lhs, block_n=128, block_k=bk, num_warps=8,
+                               num_stages=st, w_lhs=True)
+            if cfg not in out:
+                out.append(cfg)
     if m >= 128:
         out.append(TritonConfig("splitk", block_m=128, block_n=128, block_k=64, num_warps=8,
                                 num_stages=3))

@@ -55,8 +55,11 @@ if triton is not None:
         mask_n = offs_n < N
         offs_k = tl.arange(0, BLOCK_K)
         if W_LHS:
-            # tiles [BLOCK_N, BLOCK_K] (weight) and [BLOCK_K, BLOCK_M] (x^T); acc = out^T
-            shifts = ((offs_k % E) * BITS)[None, :]
+            # tiles [BLOCK_N, BLOCK_K] (weight) and [BLOCK_K, BLOCK_M] (x^T); acc = out^T.
+            # The words are loaded once as [BLOCK_N, BLOCK_K // E] and expanded to
+            # [BLOCK_N, BLOCK_K // E, E] -> [BLOCK_N, BLOCK_K] (code k = word * E + e)
+            shifts = (tl.arange(0, E) * BITS)[None, None, :]
+            kw = tl.arange(0, BLOCK_K // E)
             acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         else:
             shifts = ((offs_k % E) * BITS)[:, None]
@@ -71,15 +74,21 @@ if triton is not None:
             if W_LHS:
                 a = tl.load(x_ptr + offs_m[None, :] * stride_xm + src[:, None],
                             mask=mask_m[None, :] & mask_k[:, None], other=0.0)
-                mask_w = mask_n[:, None] & mask_k[None, :]
-                w_offs = (k // E)[None, :] * N + offs_n[:, None]
+                kws = k0 // E + kw
+                mask_w = mask_n[:, None] & (kws < tl.cdiv(K, E))[None, :]
+                w_offs = kws[None, :] * N + offs_n[:, None]
             else:
                 a = tl.load(x_ptr + offs_m[:, None] * stride_xm + src[None, :],
                             mask=mask_m[:, None] & mask_k[None, :], other=0.0)
                 mask_w = mask_k[:, None] & mask_n[None, :]
                 w_offs = (k // E)[:, None] * N + offs_n[None, :]
             words = tl.load(w_ptr + w_offs, mask=mask_w, other=0)
-            qf = (((words >> shifts) & MASK) | MAGIC).to(tl.float32, bitcast=True)
+            if W_LHS:
+                qf = tl.reshape(((words[:, :, None] >> shifts) & MASK) | MAGIC,
+                                (BLOCK_N, BLOCK_K)).to(tl.float32, bitcast=True)
+                mask_w = mask_n[:, None] & mask_k[None, :]
+            else:
+                qf = (((words >> shifts) & MASK) | MAGIC).to(tl.float32, bitcast=True)
             if GROUP_PER_STEP:
                 g = k0 // GS
                 s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
