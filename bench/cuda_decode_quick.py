@@ -41,21 +41,19 @@ for bits in (4, 8):
                     x = x.abs() + 1.0
                     x[:, 7] = 60.0
                 x = x.to(dtype)
+                outs = []
+                for _ in range(3):
+                    o = torch.full((m, n), float("nan"), dtype=dtype, device="cuda")
+                    cd.decode_matmul(x, prep, None, out=o)
+                    outs.append(o)
                 ref = x.double() @ w.t()
-                for variant in cd.VARIANTS if m <= 8 else ("ring",):
-                    outs = []
-                    for _ in range(3):
-                        o = torch.full((m, n), float("nan"), dtype=dtype, device="cuda")
-                        cd.decode_matmul(x, prep, None, out=o, variant=variant)
-                        outs.append(o)
-                    err = ((outs[0].double() - ref).norm() / ref.norm()).item()
-                    same = all(torch.equal(outs[0], o) for o in outs[1:])
-                    ok = err <= (2e-3 if dtype == torch.float16 else 1e-2) and same
-                    fails += not ok
-                    res["checks"].append({"bits": bits, "dtype": str(dtype), "n": n, "k": k,
-                                          "gs": gs, "m": m, "one_sign": one_sign,
-                                          "variant": variant, "err": err,
-                                          "deterministic": same})
+                err = ((outs[0].double() - ref).norm() / ref.norm()).item()
+                same = all(torch.equal(outs[0], o) for o in outs[1:])
+                ok = err <= (2e-3 if dtype == torch.float16 else 1e-2) and same
+                fails += not ok
+                res["checks"].append({"bits": bits, "dtype": str(dtype), "n": n, "k": k,
+                                      "gs": gs, "m": m, "one_sign": one_sign, "err": err,
+                                      "deterministic": same})
 # graph replay equals eager
 qw = dqgemm.quantize(torch.randn(1536, 6144, device="cuda") * 0.02, 4, 128)
 prep = cd.prepare_decode(qw)
@@ -89,14 +87,14 @@ fp16_cache = {}
 # 3 blocks per SM also selects the shallower shared-memory ring that lets 3 fit)
 # The small Llama-3-8B layers also at 1 and 2 blocks per SM: there a block has only a
 # few units, and the launch table's choice was measured on the large layers.
-plan = [((8192, 28672), 4, 128, (1, 8), (None, 3, 4)),
+plan = [((8192, 28672), 4, 128, (1,), (None, 3, 4)),
         ((8192, 28672), 4, 128, (16,), (None, 3)),
         ((8192, 28672), 4, 128, (64,), (None,)),
         ((4096, 4096), 4, 128, (1, 16), (None, 1, 2, 3)),
         ((4096, 6144), 4, 128, (1, 16), (None, 1, 2)),
         ((4096, 14336), 4, 128, (1, 16), (None, 1, 2, 3)),
         ((14336, 4096), 4, 128, (1, 16), (None, 1, 2)),
-        ((8192, 28672), 8, -1, (1, 8), (None, 3, 4)),
+        ((8192, 28672), 8, -1, (1,), (None, 3, 4)),
         ((8192, 28672), 8, -1, (16,), (None, 3)),
         ((28672, 8192), 4, 128, (1,), (None, 3, 4)),
         ((28672, 8192), 4, 128, (16,), (None, 3))]
@@ -106,18 +104,15 @@ for (k, n), bits, gs, ms, bpss in plan:
         t16 = B.bench_fp16(k, n, m, fp16_cache)
         res["rows"].append({"K": k, "N": n, "M": m, "bits": 16, "us": t16})
         print(f"fp16 {k}x{n} M={m}: {t16:.1f} us", flush=True)
-        # M <= 8: both kernel variants (the shared-memory ring and the register-direct one)
-        for variant in cd.VARIANTS if m <= 8 else ("ring",):
-            for bps in bpss:
-                t, _ = B.bench_decode(copies, qw, m, torch.float16, bps, check=False,
-                                      variant=variant)
-                fl = B.floor_us(m, n, k, bits)
-                row = {"K": k, "N": n, "M": m, "bits": bits, "blocks_per_sm": bps,
-                       "variant": variant, "us": t, "floor_us": fl, "pct_floor": 100 * fl / t}
-                res["rows"].append(row)
-                print(f"int{bits} {k}x{n} M={m} {variant} bps={bps}: {t:.1f} us, floor "
-                      f"{fl:.1f}, {100 * fl / t:.0f}% ({time.time() - t0:.1f}s)", flush=True)
-                save()
+        for bps in bpss:
+            t, _ = B.bench_decode(copies, qw, m, torch.float16, bps, check=False)
+            fl = B.floor_us(m, n, k, bits)
+            row = {"K": k, "N": n, "M": m, "bits": bits, "blocks_per_sm": bps, "us": t,
+                   "floor_us": fl, "pct_floor": 100 * fl / t}
+            res["rows"].append(row)
+            print(f"int{bits} {k}x{n} M={m} bps={bps}: {t:.1f} us, floor {fl:.1f}, "
+                  f"{100 * fl / t:.0f}% ({time.time() - t0:.1f}s)", flush=True)
+            save()
     del copies, qw
     fp16_cache.clear()
     torch.cuda.empty_cache()

@@ -33,7 +33,6 @@
 // padded sizes multiples of 128, a grid no larger than the number of units.
 // Test: pytest tests/test_cuda_decode.py. Benchmark: python bench/cuda_decode_bench.py.
 
-#include "decode_direct.cuh"
 #include "decode_gemm.cuh"
 
 namespace dqgemm {
@@ -66,45 +65,8 @@ cudaError_t launch_config(const DecodeGemmParams& p) {
   return launch_kernel<T, Cfg, false>(p);
 }
 
-// Barrier-free "direct" variant (M <= 8): a private cp.async ring of DQGEMM_DIRECT_RING
-// (default 8) 16-byte slots per lane, 32 KB per block; registers capped at 80 (3 blocks of
-// 256 threads per SM). DQGEMM_DIRECT_RING overrides the depth for A/B builds.
-#ifndef DQGEMM_DIRECT_RING
-#define DQGEMM_DIRECT_RING 8
-#endif
-
-template <typename T, typename Cfg, bool kFold, bool kTwoGroups>
-cudaError_t launch_direct_kernel(const DecodeGemmParams& p) {
-  auto kernel = decode::decode_direct_kernel<T, Cfg, kFold, kTwoGroups>;
-  static_assert(Cfg::kSmemBytes <= 48 * 1024, "the direct ring must fit without an opt-in");
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
-                                         cudaSharedmemCarveoutMaxShared);
-  if (err != cudaSuccess) return err;
-  kernel<<<p.grid, Cfg::kThreads, Cfg::kSmemBytes, p.stream>>>(p);
-  return cudaGetLastError();
-}
-
-template <typename T, typename Cfg>
-cudaError_t launch_direct_cfg(const DecodeGemmParams& p) {
-  const bool fold = p.zero_mode != ZeroMode::kOffset;
-  if constexpr (Cfg::kBits == 4) {
-    if (p.group_size_log2 == 5) {  // group 32: two groups per 64-k chunk
-      return fold ? launch_direct_kernel<T, Cfg, true, true>(p)
-                  : launch_direct_kernel<T, Cfg, false, true>(p);
-    }
-  }
-  return fold ? launch_direct_kernel<T, Cfg, true, false>(p)
-              : launch_direct_kernel<T, Cfg, false, false>(p);
-}
-
-template <typename T, int BITS>
-cudaError_t launch_direct(const DecodeGemmParams& p) {
-  return launch_direct_cfg<T, decode::DirectConfig<BITS, DQGEMM_DIRECT_RING, 3>>(p);
-}
-
 template <typename T, int BITS>
 cudaError_t launch_tile(const DecodeGemmParams& p) {
-  if (p.variant == 1) return launch_direct<T, BITS>(p);  // M <= 8 (checked by the caller)
   switch (decode_gemm_m_tile(p.m)) {
     // 16 KB of weights per stage at M <= 16 (BK = 256 at 4-bit, 128 at 8-bit).
     // Ring depth follows the blocks per SM the grid was sized for (configs/cuda_decode.json):
@@ -153,9 +115,7 @@ cudaError_t launch_decode_gemm(const DecodeGemmParams& p) {
       p.n_pad % 128 != 0 || p.k_pad < p.k || p.n_pad < p.n ||
       (reinterpret_cast<uintptr_t>(p.x) & 15u) != 0 ||
       p.weight == nullptr || p.scales == nullptr || p.y == nullptr || p.counters == nullptr ||
-      p.workspace == nullptr || p.variant < 0 || p.variant > 1 ||
-      (p.variant == 1 && (decode_gemm_m_tile(p.m) != 8 ||
-                          (p.n_pad / 128) * p.groups_padded * 256 >= (int64_t{1} << 31))) ||
+      p.workspace == nullptr ||
       (p.zero_mode != ZeroMode::kSymmetric && p.zo == nullptr)) {
     return cudaErrorInvalidValue;
   }

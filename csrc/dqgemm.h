@@ -74,8 +74,6 @@ struct DecodeGemmParams {
                                   // M <= 16, 3 (M <= 8: also 4) picks a shallower ring
                                   // that lets that many fit
   int grid = 0;                   // blocks (stream-K ranges); <= units
-  int variant = 0;                // 0: shared-memory ring (decode_gemm.cuh); 1: register-
-                                  // direct (decode_direct.cuh), M <= 8 only
   cudaStream_t stream = nullptr;
 };
 

@@ -214,9 +214,8 @@ def _make(n, k, bits, group_size, mode="symmetric", seed=0, act_order=False):
     return qw
 
 
-def _check(qw, m, dtype, bias=False, seed=1, repeats=1, x=None, variant=None):
-    """x: fresh random [m, K] activations unless given; variant: the launch table's unless
-    given."""
+def _check(qw, m, dtype, bias=False, seed=1, repeats=1, x=None):
+    """x: fresh random [m, K] activations unless given."""
     gen = torch.Generator().manual_seed(seed)
     if x is None:
         x = torch.randn(m, qw.in_features, generator=gen).to(dtype).cuda()
@@ -225,7 +224,7 @@ def _check(qw, m, dtype, bias=False, seed=1, repeats=1, x=None, variant=None):
     outs = []
     for _ in range(repeats):
         out = torch.full((m, qw.out_features), float("nan"), dtype=dtype, device="cuda")
-        cd.decode_matmul(x, prep, b, out=out, variant=variant)
+        cd.decode_matmul(x, prep, b, out=out)
         outs.append(out)
     w = qw.dequantize(torch.float64)
     ref = x.double() @ w.t()
@@ -383,46 +382,6 @@ def test_shallow_rings(bits, blocks_per_sm):
         ref = x.double() @ w.t()
         err = ((out.double() - ref).norm() / ref.norm()).item()
         assert err <= TOL[torch.float16], f"M={m}: {err:.3e}"
-
-
-# The register-direct variant (csrc/decode_direct.cuh), M <= 8. K = 1568 ends inside a
-# 64-k chunk (activations past K must read as zeros); N = 328 is not a multiple of 128.
-@gpu
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("mode", ["symmetric", "zero_points", "offsets"])
-@pytest.mark.parametrize("group_size", [32, 64, 128, 256, -1])
-@pytest.mark.parametrize("bits", [4, 8])
-def test_direct_variant(bits, group_size, mode, dtype):
-    k = 1568 if group_size in (32, -1) else 2304
-    qw = _make(328, k, bits, group_size, mode, seed=group_size + 17)
-    for m in (1, 3, 8):
-        _check(qw, m, dtype, bias=m == 3, seed=m, repeats=2, variant="direct")
-
-
-@gpu
-@pytest.mark.parametrize("bits", [4, 8])
-def test_direct_variant_fixup_and_one_sign(bits):
-    """Many blocks per 128-channel tile (K = 13824 on 3 tiles: the stream-K fixup path),
-    activations of one sign, bitwise equal across runs and equal in tolerance to "ring"."""
-    qw = _make(384, 13824, bits, 128 if bits == 4 else -1, "zero_points", seed=23)
-    for m in (1, 6):
-        gen = torch.Generator().manual_seed(m)
-        x = (torch.randn(m, 13824, generator=gen).abs() + 1.0)
-        x[:, 100] = 60.0
-        x = x.half().cuda()
-        direct = _check(qw, m, torch.float16, x=x, repeats=3, variant="direct")
-        ring = _check(qw, m, torch.float16, x=x, variant="ring")
-        assert (direct.double() - ring.double()).norm() <= 2e-3 * ring.double().norm()
-
-
-def test_variant_argument_checked():
-    qw = dqgemm.quantize(torch.randn(128, 128) * 0.02, 4, 128)
-    prep = cd.prepare_decode(qw)
-    x = torch.randn(9, 128, dtype=torch.float16)
-    with pytest.raises(ValueError, match="variant: expected one of"):
-        cd.decode_matmul(x, prep, None, variant="fast")
-    with pytest.raises(ValueError, match="variant: 'direct' serves 1..8 rows, got x with 9"):
-        cd.decode_matmul(x, prep, None, variant="direct")
 
 
 def test_blocks_per_sm_argument_checked():

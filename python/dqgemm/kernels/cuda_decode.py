@@ -235,16 +235,6 @@ def table_blocks_per_sm(m: int, bits: int, units: Optional[int] = None) -> int:
     return int(launch_table()[f"int{bits}"][str(m_tile(m))])
 
 
-VARIANTS = ("ring", "direct")
-
-
-def table_variant(m: int, bits: int) -> str:
-    """The launch table's kernel variant for M's token tile (configs/cuda_decode.json,
-    "variant"): "ring" (weights staged in shared memory, csrc/decode_gemm.cuh) or "direct"
-    (weights loaded straight into registers, csrc/decode_direct.cuh; M <= 8 only)."""
-    return str(_config().get("variant", {}).get(f"int{bits}", {}).get(str(m_tile(m)), "ring"))
-
-
 @functools.lru_cache(maxsize=4096)
 def work_units(m: int, n: int, k: int, bits: int) -> int:
     """Units of work of the stream-K partition: 128-channel tiles x k stages per tile."""
@@ -312,12 +302,10 @@ def workspace(device: torch.device, stream: int, floats: int, tiles: int):
 
 def decode_matmul(x: torch.Tensor, prepared: DecodePrepared, bias: Optional[torch.Tensor],
                   blocks_per_sm: Optional[int] = None,
-                  out: Optional[torch.Tensor] = None,
-                  variant: Optional[str] = None) -> torch.Tensor:
+                  out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """y = x @ W^T (+ bias) with the decode kernel. x: contiguous [M, K] fp16/bf16 on the
-    weight's device, 1 <= M <= 64. ``blocks_per_sm`` and ``variant`` ("ring" or "direct",
-    see table_variant) override the launch table (tuning); ``out`` is an optional
-    contiguous [M, N] result buffer of x's dtype (tests poison it)."""
+    weight's device, 1 <= M <= 64. ``blocks_per_sm`` overrides the launch table (tuning);
+    ``out`` is an optional contiguous [M, N] result buffer of x's dtype (tests poison it)."""
     ext = _ext.extension()
     if ext is None:
         raise RuntimeError(f"dqgemm CUDA extension {_ext.extension_error()}")
@@ -346,12 +334,6 @@ def decode_matmul(x: torch.Tensor, prepared: DecodePrepared, bias: Optional[torc
         blocks_per_sm = table_blocks_per_sm(m, prepared.bits, work_units(m, n, k, prepared.bits))
     elif not isinstance(blocks_per_sm, int) or blocks_per_sm < 1:
         raise ValueError(f"blocks_per_sm: expected an int >= 1, got {blocks_per_sm!r}")
-    if variant is None:
-        variant = table_variant(m, prepared.bits)
-    elif variant not in VARIANTS:
-        raise ValueError(f"variant: expected one of {VARIANTS}, got {variant!r}")
-    if variant == "direct" and m_tile(m) != 8:
-        raise ValueError(f"variant: 'direct' serves 1..8 rows, got x with {m} rows")
     grid = grid_size(m, n, k, prepared.bits, device.index, blocks_per_sm)
     stream = _ext.stream_handle(device)
     ws, counters = workspace(device, stream, 2 * grid * m * TILE_N, n_pad // TILE_N)
@@ -371,7 +353,7 @@ def decode_matmul(x: torch.Tensor, prepared: DecodePrepared, bias: Optional[torc
         groups_padded=groups_padded(k, prepared.group_size),
         group_size_log2=group_size_log2(k, prepared.group_size), bits=prepared.bits,
         dtype=_ext.dtype_code(x.dtype, "x"), zero_mode=_ext.ZERO_MODE_CODES[prepared.zero_mode],
-        blocks_per_sm=blocks_per_sm, grid=grid, variant=VARIANTS.index(variant), stream=stream)
+        blocks_per_sm=blocks_per_sm, grid=grid, stream=stream)
     return y
 
 

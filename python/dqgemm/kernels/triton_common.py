@@ -430,14 +430,11 @@ def candidate_configs(bits: int, m: int) -> List[TritonConfig]:
         # group 32/64 weights: bench/triton_aot_check.py; 64 fits every variant)
         out.append(TritonConfig("gemm", block_m=bm, block_n=128, block_k=64, num_warps=8,
                                 num_stages=3 if bm == 64 else 4))
-        # the weight on the LHS (register-A wgmma), tokens as the dot's N: 64-256 tokens
-        # per tile (the dequantization of a weight tile is paid once per token tile)
-        for bm_lhs, bk, st in ((bm, 64, 3 if bm == 64 else 4), (bm, 128, 3),
-                               (256 if m >= 256 else bm, 64, 3)):
-            cfg = TritonConfig("gemm", block_m=bm_lhs, block_n=128, block_k=bk, num_warps=8,
-                               num_stages=st, w_lhs=True)
-            if cfg not in out:
-                out.append(cfg)
+        # (w_lhs, the weight as the dot's LHS, is not a candidate. On the H200 it took
+        # 1.3-1.7x this config's time at 128 tokens per tile and 0.88-2.0x at 256, and
+        # the best gemm config of either form took 1.6-3.3x the time of the dequant
+        # family at M = 256 and 1024: bench/results/h200_2026-12-01_s3_triton_w_lhs_tune.json,
+        # NOTES.md "Prefill")
     if m >= 128:
         out.append(TritonConfig("splitk", block_m=128, block_n=128, block_k=64, num_warps=8,
                                 num_stages=3))

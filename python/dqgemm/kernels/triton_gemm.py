@@ -16,8 +16,10 @@ dequantization competes with the mma for issue slots, which is why large BLOCK_M
 W_LHS (config option w_lhs): the same product computed transposed, out^T = W x^T, with the
 dequantized weight tile as the dot's left operand. On Hopper, Triton lowers a dot whose LHS
 is computed in registers to the register-A form of wgmma; with the weight on the right it
-must first store the dequantized tile to shared memory (the SS form). A tuning candidate
-(bench/triton_tune.py); the shipped tables were measured before it existed.
+must first store the dequantized tile to shared memory (the SS form). Its words are loaded
+once ([BLOCK_N, BLOCK_K // E]) and expanded by a reshape. Measured on the H200 and slower
+than the dequant family everywhere (bench/results/NOTES.md, "Prefill"), so it is not a
+tuning candidate; it stays tested (tests/test_triton.py, family "gemm_lhs").
 
 Constraints: any M (meant for M > 64), any N, K.
 Test: tests/test_triton.py. Benchmark: bench/triton_tune.py.
