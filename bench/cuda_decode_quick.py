@@ -87,7 +87,7 @@ fp16_cache = {}
 # 3 blocks per SM also selects the shallower shared-memory ring that lets 3 fit)
 # The small Llama-3-8B layers also at 1 and 2 blocks per SM: there a block has only a
 # few units, and the launch table's choice was measured on the large layers.
-plan = [((8192, 28672), 4, 128, (1,), (None, 3, 4)),
+plan = [((8192, 28672), 4, 128, (1,), (None, 2, 3, 4)),
         ((8192, 28672), 4, 128, (16,), (None, 3)),
         ((8192, 28672), 4, 128, (64,), (None,)),
         ((4096, 4096), 4, 128, (1, 16), (None, 1, 2, 3)),

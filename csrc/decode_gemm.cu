@@ -7,7 +7,8 @@
 //            or 128 (8-bit): 16 KB of weights per stage (3 stages when 3 blocks share an SM,
 //            2 when 4 do)
 //   M <= 16: 8 warps, 1 slice each,               2 token tiles, 3 stages of 16 KB likewise
-//            (4 at 8-bit; 2 when 3 blocks share an SM)
+//            (4 at 8-bit; 2 when 3 blocks share an SM); at 4-bit with 3 stages the stages
+//            are handed over by per-stage mbarriers instead of a block barrier
 //   M <= 32: 4 warps, 2 slices each,              4 token tiles, BK = 128, 4 stages
 //   M <= 64: 2 warps, 4 slices each,              8 token tiles, BK = 64,  4 stages
 //
@@ -78,10 +79,14 @@ cudaError_t launch_tile(const DecodeGemmParams& p) {
       return p.blocks_per_sm == 3
                  ? launch_config<T, Config<BITS, 1, 1, BITS == 4 ? 256 : 128, 3, 3>>(p)
                  : launch_config<T, Config<BITS, 1, 1, BITS == 4 ? 256 : 128, 4, 2>>(p);
+    // INT4 at 2 blocks per SM with split barriers: same H200 call, against the block
+    // barrier, 0.92-0.94x the time on all five shapes at M = 16; INT8 lost (1.14x), as did
+    // the small layers at M = 1 (1.10x); bench/results/h200_2026-12-01_s3_decode_quick_split.json.
     case 16:
       return p.blocks_per_sm >= 3
                  ? launch_config<T, Config<BITS, 2, 1, BITS == 4 ? 256 : 128, 2, 3>>(p)
-                 : launch_config<T, Config<BITS, 2, 1, BITS == 4 ? 256 : 128, BITS == 4 ? 3 : 4, 2>>(p);
+                 : launch_config<T, Config<BITS, 2, 1, BITS == 4 ? 256 : 128, BITS == 4 ? 3 : 4, 2,
+                                           BITS == 4>>(p);
     case 32: return launch_config<T, Config<BITS, 4, 2, 128, 4>>(p);
     case 64: return launch_config<T, Config<BITS, 8, 4, 64, 4>>(p);
     default: return cudaErrorInvalidValue;

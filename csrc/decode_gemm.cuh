@@ -101,6 +101,26 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
+// mbarriers (the split-barrier build, DQGEMM_DECODE_SPLIT_BARRIERS; see the kernel).
+__device__ __forceinline__ void mbar_init(uint32_t addr, int count) {
+  asm volatile("mbarrier.init.shared.b64 [%0], %1;\n" ::"r"(addr), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t addr) {
+  asm volatile("{\n .reg .b64 state;\n mbarrier.arrive.shared.b64 state, [%0];\n}\n" ::"r"(addr)
+               : "memory");
+}
+// Arrives on the mbarrier once every cp.async this thread issued so far has landed.
+__device__ __forceinline__ void cp_async_mbar_arrive(uint32_t addr) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared.b64 [%0];\n" ::"r"(addr) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint32_t addr, uint32_t parity) {
+  asm volatile(
+      "{\n .reg .pred done;\n WAIT_%=:\n"
+      " mbarrier.try_wait.parity.shared.b64 done, [%0], %1;\n @!done bra WAIT_%=;\n}\n" ::"r"(addr),
+      "r"(parity)
+      : "memory");
+}
+
 __device__ __forceinline__ uint4 lds128(uint32_t addr) {
   uint4 v;
   asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
@@ -453,7 +473,8 @@ __device__ __forceinline__ void dequant_int8_bf16(uint32_t w0, uint32_t w1,
 // Tile configuration.
 // ---------------------------------------------------------------------------------------
 
-template <int BITS, int MT, int WN16, int BK, int STAGES, int MIN_BLOCKS = 1>
+template <int BITS, int MT, int WN16, int BK, int STAGES, int MIN_BLOCKS = 1,
+          bool SPLIT_BARRIERS = false>
 struct Config {
   static constexpr int kBits = BITS;
   static constexpr int kMT = MT;                 // tiles of 8 tokens (M <= 8 * MT)
@@ -464,6 +485,9 @@ struct Config {
   // __launch_bounds__ (256 threads: 3 blocks leave at most 80 registers per thread, 4 leave
   // 64; without the cap the compiler took 127 and only 2 blocks fit).
   static constexpr int kMinBlocks = MIN_BLOCKS;
+  // Per-stage "full" / "empty" mbarriers instead of one block barrier per stage (see the
+  // kernel's main loop); chosen per configuration by the launcher, from measurements.
+  static constexpr bool kSplitBarriers = SPLIT_BARRIERS;
   static constexpr int kBN = 128;                // channels per n_tile (layout constant)
   static constexpr int kWarps = 8 / WN16;
   static constexpr int kThreads = 32 * kWarps;
@@ -614,6 +638,7 @@ decode_gemm_kernel(const DecodeGemmParams p) {
   constexpr int kBits = Cfg::kBits, kMT = Cfg::kMT, kWN16 = Cfg::kWN16, kBK = Cfg::kBK;
   constexpr int kStages = Cfg::kStages, kThreads = Cfg::kThreads, kBN = Cfg::kBN;
   constexpr bool kF32Path = kBits == 8 && sizeof(T) == 2 && P::kMagic == 0x43004300u;
+  constexpr bool kSplitBarriers = Cfg::kSplitBarriers;
   extern __shared__ __align__(16) uint8_t smem[];
   __shared__ int s_last;
 
@@ -783,19 +808,46 @@ decode_gemm_kernel(const DecodeGemmParams p) {
   int kc = load_kc;
   const int n_units = static_cast<int>(u_end - u_begin);
 
+  // Split barriers (Cfg::kSplitBarriers): instead of one block barrier per stage, stage s
+  // has a "full" mbarrier (every thread arrives when its cp.async copies of
+  // the stage have landed) and an "empty" one (every thread arrives when it has read the
+  // stage). A thread waits only for the data of the stage it computes, and refills the
+  // stage of the previous unit once every thread has read it, so warps may drift apart by
+  // a stage instead of meeting at every one (one stage less is in flight during compute).
+  [[maybe_unused]] __shared__ __align__(8) uint64_t full_bar[kStages];
+  [[maybe_unused]] __shared__ __align__(8) uint64_t empty_bar[kStages];
+  if constexpr (kSplitBarriers) {
+    if (tid == 0) {
 #pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) {
-    if (s < n_units) load_next(s);
-    cp_async_commit();
+      for (int s = 0; s < kStages; ++s) {
+        mbar_init(smem_addr(&full_bar[s]), kThreads);
+        mbar_init(smem_addr(&empty_bar[s]), kThreads);
+      }
+      asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    __syncthreads();  // barriers initialized; the zeroed token rows are visible
+#pragma unroll
+    for (int s = 0; s < kStages; ++s) {  // every stage starts empty
+      if (s < n_units) load_next(s);
+      cp_async_mbar_arrive(smem_addr(&full_bar[s]));
+    }
+  } else {
+#pragma unroll
+    for (int s = 0; s < kStages - 1; ++s) {
+      if (s < n_units) load_next(s);
+      cp_async_commit();
+    }
   }
 
   int seg_kc_begin = kc;
   int stage = 0;
 
   for (int it = 0; it < n_units; ++it) {
-    cp_async_wait<kStages - 2>();
-    __syncthreads();  // stage `stage` is visible; everyone is done with the previous one
-    {
+    if constexpr (kSplitBarriers) {
+      mbar_wait(smem_addr(&full_bar[stage]), (it / kStages) & 1);
+    } else {
+      cp_async_wait<kStages - 2>();
+      __syncthreads();  // stage `stage` is visible; everyone is done with the previous one
       int sn = stage + kStages - 1;
       if (sn >= kStages) sn -= kStages;
       if (it + kStages - 1 < n_units) load_next(sn);
@@ -919,6 +971,15 @@ decode_gemm_kernel(const DecodeGemmParams p) {
       run_stage(std::integral_constant<int, (kSteps < 8 ? kSteps : 8)>{});
     } else {
       run_stage(std::integral_constant<int, kSteps>{});
+    }
+    if constexpr (kSplitBarriers) {
+      mbar_arrive(smem_addr(&empty_bar[stage]));
+      if (it >= 1) {  // the previous unit's stage takes unit it - 1 + kStages
+        const int sp = stage == 0 ? kStages - 1 : stage - 1;
+        mbar_wait(smem_addr(&empty_bar[sp]), ((it - 1) / kStages) & 1);
+        if (it - 1 + kStages < n_units) load_next(sp);
+        cp_async_mbar_arrive(smem_addr(&full_bar[sp]));
+      }
     }
     stage = stage + 1 == kStages ? 0 : stage + 1;
 
