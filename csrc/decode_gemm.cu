@@ -80,7 +80,7 @@ cudaError_t launch_tile(const DecodeGemmParams& p) {
                  ? launch_config<T, Config<BITS, 1, 1, BITS == 4 ? 256 : 128, 3, 3>>(p)
                  : launch_config<T, Config<BITS, 1, 1, BITS == 4 ? 256 : 128, 4, 2>>(p);
     // INT4 at 2 blocks per SM with split barriers: same H200 call, against the block
-    // barrier, 0.92-0.94x the time on all five shapes at M = 16; INT8 lost (1.14x), as did
+    // barrier, 0.92-0.94x the time on all six shapes at M = 16; INT8 lost (1.14x), as did
     // the small layers at M = 1 (1.10x); bench/results/h200_2026-12-01_s3_decode_quick_split.json.
     case 16:
       return p.blocks_per_sm >= 3
