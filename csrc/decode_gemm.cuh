@@ -47,6 +47,8 @@
 // bench/results/NOTES.md, "v5".)
 // Activations for the chunk (M rows x BK, XOR-swizzled 16-byte chunks) are loaded into
 // shared memory with the weights and read with ldmatrix.x4.
+// Stage hand-over: one block barrier per stage, or (Config::kSplitBarriers, INT4 M <= 16)
+// a "full" and an "empty" mbarrier per stage, so that warps need not meet at every stage.
 //
 // Work partition (stream-K, deterministic): the U = n_tiles * (K_pad / BK) units, in
 // order (n_tile major), are cut into gridDim.x contiguous ranges of equal size (+-1). A
@@ -101,7 +103,15 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
-// mbarriers (the split-barrier build, DQGEMM_DECODE_SPLIT_BARRIERS; see the kernel).
+// mbarriers (configurations with split barriers, Config::kSplitBarriers; see the kernel).
+// sm_90 and later only (try_wait.parity, fence.mbarrier_init): older targets build those
+// configurations with the block barrier instead (kSplitBarriers in the kernel).
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
+#define DQGEMM_HAS_SPLIT_BARRIERS 1
+#else
+#define DQGEMM_HAS_SPLIT_BARRIERS 0
+#endif
+#if DQGEMM_HAS_SPLIT_BARRIERS
 __device__ __forceinline__ void mbar_init(uint32_t addr, int count) {
   asm volatile("mbarrier.init.shared.b64 [%0], %1;\n" ::"r"(addr), "r"(count) : "memory");
 }
@@ -120,6 +130,17 @@ __device__ __forceinline__ void mbar_wait(uint32_t addr, uint32_t parity) {
       "r"(parity)
       : "memory");
 }
+// Makes the initialized mbarriers visible before any thread uses them.
+__device__ __forceinline__ void mbar_init_fence() {
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+#else  // never called: kSplitBarriers is false on these targets
+__device__ __forceinline__ void mbar_init(uint32_t, int) { __trap(); }
+__device__ __forceinline__ void mbar_init_fence() { __trap(); }
+__device__ __forceinline__ void mbar_arrive(uint32_t) { __trap(); }
+__device__ __forceinline__ void cp_async_mbar_arrive(uint32_t) { __trap(); }
+__device__ __forceinline__ void mbar_wait(uint32_t, uint32_t) { __trap(); }
+#endif  // DQGEMM_HAS_SPLIT_BARRIERS
 
 __device__ __forceinline__ uint4 lds128(uint32_t addr) {
   uint4 v;
@@ -638,7 +659,7 @@ decode_gemm_kernel(const DecodeGemmParams p) {
   constexpr int kBits = Cfg::kBits, kMT = Cfg::kMT, kWN16 = Cfg::kWN16, kBK = Cfg::kBK;
   constexpr int kStages = Cfg::kStages, kThreads = Cfg::kThreads, kBN = Cfg::kBN;
   constexpr bool kF32Path = kBits == 8 && sizeof(T) == 2 && P::kMagic == 0x43004300u;
-  constexpr bool kSplitBarriers = Cfg::kSplitBarriers;
+  constexpr bool kSplitBarriers = Cfg::kSplitBarriers && DQGEMM_HAS_SPLIT_BARRIERS;
   extern __shared__ __align__(16) uint8_t smem[];
   __shared__ int s_last;
 
@@ -823,7 +844,7 @@ decode_gemm_kernel(const DecodeGemmParams p) {
         mbar_init(smem_addr(&full_bar[s]), kThreads);
         mbar_init(smem_addr(&empty_bar[s]), kThreads);
       }
-      asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+      mbar_init_fence();
     }
     __syncthreads();  // barriers initialized; the zeroed token rows are visible
 #pragma unroll
