@@ -322,12 +322,12 @@ __device__ __forceinline__ GroupConsts group_consts() {
 }
 
 // kPairs: also the scale / offset pairs that the unfolded dequantization multiplies by (the
-// folded kernels need only the fp32 scales and the biases). sw: the lane's scale word
-// (rows r, r + 8); zw: its zero-point or offset word (unused when symmetric).
+// folded kernels need only the fp32 scales and the biases).
 template <typename T, bool kPairs>
-__device__ __forceinline__ void group_from_words(GroupRegs& g, uint32_t sw, uint32_t zw,
-                                                 int mode, const GroupConsts& c) {
+__device__ __forceinline__ void load_group(GroupRegs& g, uint32_t s_addr, uint32_t zo_addr,
+                                           int mode, const GroupConsts& c) {
   using P = Pair<T>;
+  const uint32_t sw = lds32(s_addr);
   if constexpr (kPairs) {
     g.s_lo = lo_pair(sw);
     g.s_hi = hi_pair(sw);
@@ -336,14 +336,16 @@ __device__ __forceinline__ void group_from_words(GroupRegs& g, uint32_t sw, uint
   g.fs_hi = P::to_float(bits_to<T>(sw >> 16));
   g.o_lo = g.o_hi = 0u;
   if (mode == static_cast<int>(ZeroMode::kZeroPoint)) {
+    const uint32_t zw = lds32(zo_addr);
     g.nz_lo = P::fma(lo_pair(zw), P::kNegOne, c.neg_magic);
     g.nz_hi = P::fma(hi_pair(zw), P::kNegOne, c.neg_magic_hi);
   } else if (mode == static_cast<int>(ZeroMode::kOffset)) {
+    const uint32_t ow = lds32(zo_addr);
     g.nz_lo = c.neg_magic;
     g.nz_hi = c.neg_magic_hi;
     if constexpr (kPairs) {
-      g.o_lo = lo_pair(zw);
-      g.o_hi = hi_pair(zw);
+      g.o_lo = lo_pair(ow);
+      g.o_hi = hi_pair(ow);
     }
   } else {
     g.nz_lo = c.nz_sym_lo;
@@ -351,41 +353,29 @@ __device__ __forceinline__ void group_from_words(GroupRegs& g, uint32_t sw, uint
   }
 }
 
-template <typename T, bool kPairs>
-__device__ __forceinline__ void load_group(GroupRegs& g, uint32_t s_addr, uint32_t zo_addr,
-                                           int mode, const GroupConsts& c) {
-  const uint32_t sw = lds32(s_addr);
-  const uint32_t zw = mode != static_cast<int>(ZeroMode::kSymmetric) ? lds32(zo_addr) : 0u;
-  group_from_words<T, kPairs>(g, sw, zw, mode, c);
-}
-
 __device__ __forceinline__ float bf16_lo(uint32_t w) { return __uint_as_float(w << 16); }
 __device__ __forceinline__ float bf16_hi(uint32_t w) { return __uint_as_float(w & 0xFFFF0000u); }
 
-__device__ __forceinline__ void group_from_words_f32(GroupRegsF32& g, uint32_t sw, uint32_t zw,
-                                                     int mode) {
+__device__ __forceinline__ void load_group_f32(GroupRegsF32& g, uint32_t s_addr,
+                                               uint32_t zo_addr, int mode) {
   constexpr float kMagic = 8388608.0f;  // 2^23: a byte OR-ed into its mantissa is exact
+  const uint32_t sw = lds32(s_addr);
   g.s_lo = bf16_lo(sw);
   g.s_hi = bf16_hi(sw);
   if (mode == static_cast<int>(ZeroMode::kZeroPoint)) {
+    const uint32_t zw = lds32(zo_addr);
     g.nz_lo = -(kMagic + bf16_lo(zw));
     g.nz_hi = -(kMagic + bf16_hi(zw));
     g.o_lo = g.o_hi = 0.f;
   } else if (mode == static_cast<int>(ZeroMode::kOffset)) {
+    const uint32_t ow = lds32(zo_addr);
     g.nz_lo = g.nz_hi = -kMagic;
-    g.o_lo = bf16_lo(zw);
-    g.o_hi = bf16_hi(zw);
+    g.o_lo = bf16_lo(ow);
+    g.o_hi = bf16_hi(ow);
   } else {
     g.nz_lo = g.nz_hi = -(kMagic + 128.f);
     g.o_lo = g.o_hi = 0.f;
   }
-}
-
-__device__ __forceinline__ void load_group_f32(GroupRegsF32& g, uint32_t s_addr,
-                                               uint32_t zo_addr, int mode) {
-  const uint32_t sw = lds32(s_addr);
-  const uint32_t zw = mode != static_cast<int>(ZeroMode::kSymmetric) ? lds32(zo_addr) : 0u;
-  group_from_words_f32(g, sw, zw, mode);
 }
 
 // ---------------------------------------------------------------------------------------
