@@ -97,6 +97,38 @@ void decode_gemm(uintptr_t x, uintptr_t weight, uintptr_t scales, uintptr_t zo, 
   check(dqgemm::launch_decode_gemm(p), "decode_gemm");
 }
 
+// Prefill GEMM (csrc/prefill_gemm.cu), on the same packed weight as decode_gemm; the
+// Python wrapper (kernels/cuda_prefill.py) checks the tensors and picks m_tile / k_splits.
+void prefill_gemm(uintptr_t x, uintptr_t weight, uintptr_t scales, uintptr_t zo,
+                  uintptr_t bias, uintptr_t y, uintptr_t workspace, uintptr_t counters,
+                  int64_t m, int64_t n, int64_t k, int64_t n_pad, int64_t k_pad,
+                  int64_t groups_padded, int group_size_log2, int bits, int dtype,
+                  int zero_mode, int m_tile, int k_splits, uintptr_t stream) {
+  dqgemm::PrefillGemmParams p;
+  p.x = as_ptr<const void>(x);
+  p.weight = as_ptr<const void>(weight);
+  p.scales = as_ptr<const void>(scales);
+  p.zo = as_ptr<const void>(zo);
+  p.bias = as_ptr<const void>(bias);
+  p.y = as_ptr<void>(y);
+  p.workspace = as_ptr<float>(workspace);
+  p.counters = as_ptr<int32_t>(counters);
+  p.m = m;
+  p.n = n;
+  p.k = k;
+  p.n_pad = n_pad;
+  p.k_pad = k_pad;
+  p.groups_padded = groups_padded;
+  p.group_size_log2 = group_size_log2;
+  p.bits = bits;
+  p.dtype = static_cast<dqgemm::DType>(dtype);
+  p.zero_mode = static_cast<dqgemm::ZeroMode>(zero_mode);
+  p.m_tile = m_tile;
+  p.k_splits = k_splits;
+  p.stream = as_ptr<CUstream_st>(stream);
+  check(dqgemm::launch_prefill_gemm(p), "prefill_gemm");
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -117,6 +149,15 @@ PYBIND11_MODULE(_C, m) {
         "Token tile (8/16/32/64) the decode GEMM uses for M (0 if M is out of range).");
   m.def("decode_gemm_stage_k", &dqgemm::decode_gemm_stage_k, py::arg("m"), py::arg("bits"),
         "k per pipeline stage of the decode GEMM configuration used for M and bits.");
+  m.def("prefill_gemm", &prefill_gemm, py::arg("x"), py::arg("weight"), py::arg("scales"),
+        py::arg("zo"), py::arg("bias"), py::arg("y"), py::arg("workspace"), py::arg("counters"),
+        py::arg("m"), py::arg("n"), py::arg("k"), py::arg("n_pad"), py::arg("k_pad"),
+        py::arg("groups_padded"), py::arg("group_size_log2"), py::arg("bits"), py::arg("dtype"),
+        py::arg("zero_mode"), py::arg("m_tile"), py::arg("k_splits"), py::arg("stream"),
+        "Prefill GEMM (sm_90a wgmma, any M) on a cuda_decode-packed weight; see "
+        "csrc/prefill_gemm.cu.");
+  m.def("prefill_gemm_compiled", &dqgemm::prefill_gemm_compiled,
+        "True when the sm_90a prefill kernels were built and run on this device.");
   m.def("runtime_version", &runtime_version, "CUDA runtime version this module links.");
   m.def("device_count", &device_count, "Visible CUDA devices (raises if the driver fails).");
 }

@@ -85,3 +85,39 @@ int decode_gemm_stage_k(int64_t m, int bits);
 cudaError_t launch_decode_gemm(const DecodeGemmParams& p);
 
 }  // namespace dqgemm
+
+// ---------------------------------------------------------------------------------------
+// Prefill GEMM (csrc/prefill_gemm.cu): the same product for any M on Hopper (sm_90a,
+// wgmma), on the cuda_decode weight layout (the same packed tensors as DecodeGemmParams).
+// ---------------------------------------------------------------------------------------
+namespace dqgemm {
+
+struct PrefillGemmParams {
+  const void* x = nullptr;        // dtype [M, K] row-major, 16-byte aligned, K % 8 == 0
+  const void* weight = nullptr;   // cuda_decode layout (see DecodeGemmParams)
+  const void* scales = nullptr;
+  const void* zo = nullptr;
+  const void* bias = nullptr;     // dtype [N] or null
+  void* y = nullptr;              // dtype [M, N] row-major
+  float* workspace = nullptr;     // k_splits > 1: >= grid * m_tile * 128 floats
+  int32_t* counters = nullptr;    // k_splits > 1: int32 [tiles], all 0 on entry; left 0
+  int64_t m = 0;
+  int64_t n = 0;
+  int64_t k = 0;
+  int64_t n_pad = 0;              // multiple of 128
+  int64_t k_pad = 0;              // multiple of 128
+  int64_t groups_padded = 0;
+  int group_size_log2 = 7;        // 5..8; 30 for per-channel
+  int bits = 4;
+  DType dtype = DType::kFloat16;
+  ZeroMode zero_mode = ZeroMode::kSymmetric;
+  int m_tile = 128;               // tokens per block tile: 64, 128 or 256
+  int k_splits = 1;               // blocks per output tile along K (deterministic sum)
+  cudaStream_t stream = nullptr;
+};
+
+// True when this build holds the sm_90a kernels (the wgmma instructions exist only there).
+bool prefill_gemm_compiled();
+cudaError_t launch_prefill_gemm(const PrefillGemmParams& p);
+
+}  // namespace dqgemm

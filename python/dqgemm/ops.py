@@ -109,14 +109,15 @@ def prepared_for(kernel: registry.Kernel, qdata, scales, zero_points, offsets, g
         return registry.PreparedWeight(qdata, scales, zero_points, offsets, g_idx)
     stamp = _stamp(qdata, scales, zero_points, offsets, g_idx)
     per_kernel: Dict = _PREPARED.setdefault(qdata, {})
-    hit = per_kernel.get(kernel.name)
+    key = kernel.prepared_key or kernel.name
+    hit = per_kernel.get(key)
     if hit is not None and hit[0] == stamp:
         return hit[1]
     qweight = QuantizedWeight(qdata=qdata, scales=scales, zero_points=zero_points,
                               offsets=offsets, g_idx=g_idx, bits=bits, group_size=group_size,
                               in_features=in_features)
     prepared = kernel.prepare(qweight)
-    per_kernel[kernel.name] = (stamp, prepared)
+    per_kernel[key] = (stamp, prepared)
     return prepared
 
 

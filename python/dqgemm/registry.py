@@ -82,6 +82,9 @@ class Kernel:
     # True when prepare() builds new tensors worth caching; False when it only passes the
     # canonical tensors through (then nothing is cached and torch.compile sees no state).
     caches_prepared: bool = True
+    # Kernels that read the same prepared layout name one cache key, so a weight holds one
+    # copy of it (cuda_prefill reads cuda_decode's layout). None: the kernel's own name.
+    prepared_key: Optional[str] = None
 
     def supports(self, problem: Problem) -> Optional[str]:
         """None if this kernel can run ``problem``, else a short reason why not."""

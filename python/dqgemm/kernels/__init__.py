@@ -8,4 +8,5 @@ without triton installed): they check what they need in ``Kernel.available()``.
 from . import reference  # noqa: F401
 from . import cuda_dequant  # noqa: F401
 from . import cuda_decode  # noqa: F401
+from . import cuda_prefill  # noqa: F401
 from . import triton_common, triton_gemv, triton_splitk, triton_gemm, triton_dequant  # noqa: F401,E401,E501

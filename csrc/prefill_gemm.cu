@@ -1,0 +1,367 @@
+// Prefill GEMM kernel family (W4A16 / W8A16, any M; Hopper sm_90a only): kernel and launcher.
+//
+// What it computes: y[M, N] = x[M, K] @ dequant(W)[N, K]^T (+ bias[N]), x and y fp16 or
+// bf16, 4-bit or 8-bit codes, groups 32/64/128/256 or per-channel, symmetric / zero points
+// / offsets: the same product and the same packed weight as the decode kernel
+// (csrc/decode_gemm.cuh has the byte-level layouts; python/dqgemm/kernels/cuda_decode.py
+// packs them), so one prepared copy of a weight serves both kernels.
+//
+// Why it is shaped like this: from M ~ 256 up the product is bound by tensor-core
+// throughput, and mma.sync reaches only part of Hopper's; wgmma.mma_async does. Every
+// public INT4 kernel that dequantizes into shared memory for an SS wgmma (or runs mma.sync)
+// loses to FP16 there. Here the weight is the A operand and comes from REGISTERS ("RS"
+// wgmma): the decode layout already gives each lane 16 bytes that are its mma.m16n8k16
+// A fragments of 4 (4-bit) or 2 (8-bit) k16 steps, and wgmma's register A operand has that
+// same per-warp fragment layout (warp w of a warpgroup owns rows 16w..16w+15). So a lane
+// dequantizes its 16 bytes with the decode kernel's lop3 / fma sequences straight into
+// the registers wgmma reads; the weight never passes through shared memory as fp16.
+//
+// Orientation ("swap AB", as in the decode kernel): D[channels x tokens] = W x^T. A block
+// owns 128 output channels (one n_tile of the layout) and BM tokens (64, 128 or 256):
+// two warpgroups of 64 channels each, each issuing m64nBMk16 wgmma into BM/2 fp32
+// accumulators per thread. x is the B operand: K-major (k contiguous per token), a stage
+// holds BM rows of 64 k = 128 bytes each, stored with the 128-byte swizzle (16-byte chunk c
+// of row r at chunk c ^ (r % 8), rows at 128-byte pitch, 1024-byte aligned tiles): the
+// layout the descriptor's SWIZZLE_128B mode reads, and conflict-free for the cp.async
+// writes. A k16 step is the descriptor's start address + 32 bytes.
+//
+// Pipeline: STAGES-deep cp.async ring of (x tile, 4 or 8 KB of weights, group parameters)
+// per 64 k. wgmma runs asynchronously: a warpgroup issues stage i's four wgmma, then waits
+// until stage i - 1's have finished (wait_group 1), so the dequantization of stage i + 1
+// overlaps stage i's tensor-core work. Because stage i - 1 may still be read by wgmma when
+// a thread passes the block barrier of stage i + 1, the ring refills the slot of stage
+// i - 2 (STAGES - 2 stages in flight), and the A registers alternate between two sets.
+//
+// Work partition: one block per (n_tile, m_tile, k split); the m tiles of an n_tile are
+// neighbours in launch order (they share the weight through L2). With k_splits > 1 every
+// block writes fp32 partial sums to its workspace slot and the last of a tile's blocks to
+// arrive (an atomic counter, reset by it) sums all slots in split order: bitwise
+// reproducible, no memset, CUDA-graph safe.
+//
+// Constraints (checked by the launcher): sm_90a build, K % 8 == 0, x 16-byte aligned,
+// m_tile in {64, 128, 256}, padded sizes multiples of 128, 1 <= k_splits <= K_pad / 64.
+// Test: pytest tests/test_cuda_prefill.py. Benchmark: python -m dqgemm bench (kernel
+// "cuda_prefill"), bench/cuda_prefill_bench.py for the tile / split sweep.
+
+#include "decode_gemm.cuh"
+#include "wgmma.cuh"
+
+namespace dqgemm {
+namespace prefill {
+
+using decode::cp_async16_stream;
+using decode::cp_async16_zfill;
+using decode::cp_async_commit;
+using decode::cp_async_wait;
+using decode::GroupConsts;
+using decode::GroupRegs;
+using decode::GroupRegsF32;
+using decode::lds128;
+using decode::Pair;
+using decode::smem_addr;
+
+template <int BITS, int BM, int STAGES, int MIN_BLOCKS>
+struct Config {
+  static constexpr int kBits = BITS;
+  static constexpr int kBM = BM;                // tokens per block tile (wgmma n)
+  static constexpr int kStages = STAGES;
+  static constexpr int kMinBlocks = MIN_BLOCKS; // blocks per SM the ring depth allows
+  static constexpr int kBN = 128;               // channels per block (layout n_tile)
+  static constexpr int kBK = 64;                // k per stage
+  static constexpr int kThreads = 256;          // two warpgroups
+  static constexpr int kSpan = BITS == 4 ? 64 : 32;  // k per 16-byte lane chunk
+  static constexpr int kChunks = kBK / kSpan;         // lane chunks per stage: 1 or 2
+  static constexpr int kXBytes = BM * 128;            // BM rows of 64 k (fp16 / bf16)
+  static constexpr int kWBytes = kChunks * 4096;      // 128 channels x 64 k codes
+  static constexpr int kPBytes = 512;                 // <= 2 groups (g32) x 256 bytes
+  static constexpr int kStageBytes = kXBytes + kWBytes + 2 * kPBytes;
+  static constexpr int kSmemBytes = STAGES * kStageBytes + 1024;  // + alignment slack
+  static constexpr int kAccRegs = BM / 2;
+  static_assert(kStageBytes % 1024 == 0, "stages must stay 1024-byte aligned (swizzle)");
+  static_assert(STAGES >= 3, "the ring keeps STAGES - 2 stages in flight");
+};
+
+// Shared-memory matrix descriptor of a K-major tile with the 128-byte swizzle: rows of
+// 128 bytes, 8-row groups 1024 bytes apart (stride byte offset), leading byte offset unused
+// (a k16 step never crosses the 128-byte swizzle row), layout type 1 = SWIZZLE_128B.
+__device__ __forceinline__ uint64_t sw128_desc(uint32_t addr) {
+  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (uint64_t{1} << 16) |
+         (uint64_t{1024 >> 4} << 32) | (uint64_t{1} << 62);
+}
+
+template <typename T, typename Cfg>
+__global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
+prefill_gemm_kernel(const PrefillGemmParams p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using P = Pair<T>;
+  using Mma = wgmma::Wgmma<T, Cfg::kBM>;
+  constexpr int kBM = Cfg::kBM, kStages = Cfg::kStages, kBits = Cfg::kBits;
+  constexpr int kAcc = Cfg::kAccRegs;
+  constexpr bool kF32Path = kBits == 8 && P::kMagic == 0x43004300u;  // INT8 bf16
+  extern __shared__ uint8_t smem_raw[];
+  __shared__ int s_last;
+
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;  // = the n16 slice of the layout; warp >> 2 = warpgroup
+  const int64_t m_rows = p.m;
+  const int64_t k_real = p.k;
+  const int m_tiles = static_cast<int>((m_rows + kBM - 1) / kBM);
+  const int splits = p.k_splits;
+  const int tile = blockIdx.x / splits;
+  const int split = blockIdx.x - tile * splits;
+  const int m_t = tile % m_tiles;
+  const int64_t n_t = tile / m_tiles;
+  const int64_t m0 = static_cast<int64_t>(m_t) * kBM;
+  const int k_stages = static_cast<int>(p.k_pad / Cfg::kBK);
+  const int kb_begin = static_cast<int>(static_cast<int64_t>(split) * k_stages / splits);
+  const int kb_end = static_cast<int>(static_cast<int64_t>(split + 1) * k_stages / splits);
+  const int n_stages = kb_end - kb_begin;
+  const int gs_log2 = p.group_size_log2;
+  const int mode = static_cast<int>(p.zero_mode);
+  const bool two_groups = gs_log2 == 5;  // g32: two groups per 64-k stage
+
+  const uint32_t smem0 = (smem_addr(smem_raw) + 1023u) & ~1023u;
+  const T* __restrict__ x = static_cast<const T*>(p.x);
+  const uint8_t* __restrict__ wtile =
+      static_cast<const uint8_t*>(p.weight) + n_t * (p.k_pad / Cfg::kSpan) * 4096 + tid * 16;
+  const uint8_t* __restrict__ sbase = static_cast<const uint8_t*>(p.scales);
+  const uint8_t* __restrict__ zbase = static_cast<const uint8_t*>(p.zo);
+
+  // cp.async copies of k stage kb into ring slot `slot`: x rows m0.. (rows >= M and k >= K
+  // filled with zeros), the n_tile's weights of those 64 k, the stage's group parameters.
+  auto load_stage = [&](int kb, int slot) {
+    const uint32_t st = smem0 + slot * Cfg::kStageBytes;
+    const int64_t k0 = static_cast<int64_t>(kb) * Cfg::kBK;
+#pragma unroll
+    for (int i = 0; i < kBM * 8 / Cfg::kThreads; ++i) {
+      const int c = i * Cfg::kThreads + tid;
+      const int row = c >> 3;
+      const int j = c & 7;
+      const int64_t m = m0 + row;
+      const int64_t k = k0 + j * 8;
+      const bool valid = m < m_rows && k < k_real;
+      cp_async16_zfill(st + row * 128 + ((j ^ (row & 7)) << 4), valid ? x + m * k_real + k : x,
+                       valid ? 16 : 0);
+    }
+#pragma unroll
+    for (int i = 0; i < Cfg::kChunks; ++i) {
+      cp_async16_stream(st + Cfg::kXBytes + i * 4096 + tid * 16,
+                        wtile + (static_cast<int64_t>(kb) * Cfg::kChunks + i) * 4096);
+    }
+    const int64_t g0 = k0 >> gs_log2;  // per-channel (log2 = 30): 0
+    const int pchunks = two_groups ? 32 : 16;
+    const int c = Cfg::kThreads - 1 - tid;  // the last warp: away from warp 0's x copies
+    if (c < pchunks) {
+      const int64_t off = (n_t * p.groups_padded + g0) * 256 + c * 16;
+      const uint32_t dst = st + Cfg::kXBytes + Cfg::kWBytes + c * 16;
+      cp_async16_zfill(dst, sbase + off, 16);
+      if (mode != static_cast<int>(ZeroMode::kSymmetric)) {
+        cp_async16_zfill(dst + Cfg::kPBytes, zbase + off, 16);
+      }
+    }
+  };
+
+  // Dequantize this lane's A fragments of the stage in `slot` into a[k16 step][4].
+  const GroupConsts gconst = decode::group_consts<T, kBits>();
+  auto dequant_stage = [&](int slot, uint32_t (&a)[4][4]) {
+    const uint32_t st = smem0 + slot * Cfg::kStageBytes;
+    const uint32_t s_st = st + Cfg::kXBytes + Cfg::kWBytes;
+    const uint32_t poff = warp * 32 + (lane >> 2) * 4;
+    uint4 wq[Cfg::kChunks];
+#pragma unroll
+    for (int i = 0; i < Cfg::kChunks; ++i) {
+      wq[i] = lds128(st + Cfg::kXBytes + i * 4096 + (warp * 32 + lane) * 16);
+    }
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {  // k16 steps 0-1, 2-3 (a group each at g32)
+      const uint32_t goff = poff + (two_groups && half == 1 ? 256 : 0);
+      if constexpr (kF32Path) {
+        GroupRegsF32 g;
+        decode::load_group_f32(g, s_st + goff, s_st + Cfg::kPBytes + goff, mode);
+        decode::dequant_int8_bf16<true>(wq[half].x, wq[half].y, g, a[2 * half]);
+        decode::dequant_int8_bf16<true>(wq[half].z, wq[half].w, g, a[2 * half + 1]);
+      } else {
+        GroupRegs g;
+        decode::load_group<T, true>(g, s_st + goff, s_st + Cfg::kPBytes + goff, mode, gconst);
+        if constexpr (kBits == 4) {
+          decode::dequant_int4<T, true>(half == 0 ? wq[0].x : wq[0].z, g, a[2 * half]);
+          decode::dequant_int4<T, true>(half == 0 ? wq[0].y : wq[0].w, g, a[2 * half + 1]);
+        } else {
+          decode::dequant_int8_f16<true>(wq[half].x, wq[half].y, g, a[2 * half]);
+          decode::dequant_int8_f16<true>(wq[half].z, wq[half].w, g, a[2 * half + 1]);
+        }
+      }
+    }
+  };
+
+  float acc[kAcc];
+#pragma unroll
+  for (int i = 0; i < kAcc; ++i) acc[i] = 0.f;
+  uint32_t afrag[2][4][4];
+
+#pragma unroll
+  for (int s = 0; s < kStages - 2; ++s) {
+    if (s < n_stages) load_stage(kb_begin + s, s);
+    cp_async_commit();
+  }
+
+  // One stage: wait for its copies, refill the slot of stage i - 2, dequantize, issue the
+  // four wgmma of the stage, and let the previous stage's wgmma finish.
+  int slot = 0;
+  auto step = [&](int i, auto buf) {
+    constexpr int kBuf = decltype(buf)::value;
+    cp_async_wait<kStages - 3>();
+    __syncthreads();  // stage i visible; every warpgroup is done with stage i - 2
+    if (i + kStages - 2 < n_stages) {
+      int sl = slot + kStages - 2;
+      if (sl >= kStages) sl -= kStages;
+      load_stage(kb_begin + i + kStages - 2, sl);
+    }
+    cp_async_commit();
+    dequant_stage(slot, afrag[kBuf]);
+    const uint64_t desc = sw128_desc(smem0 + slot * Cfg::kStageBytes);
+    wgmma::fence();
+#pragma unroll
+    for (int ks = 0; ks < 4; ++ks) Mma::rs(acc, afrag[kBuf][ks], desc + 2 * ks);
+    wgmma::commit();
+    wgmma::wait<1>();
+    slot = slot + 1 == kStages ? 0 : slot + 1;
+  };
+  int i = 0;
+  for (; i + 1 < n_stages; i += 2) {
+    step(i, std::integral_constant<int, 0>{});
+    step(i + 1, std::integral_constant<int, 1>{});
+  }
+  if (i < n_stages) step(i, std::integral_constant<int, 0>{});
+  wgmma::wait<0>();
+  wgmma::fence_operands(acc);
+  cp_async_wait<0>();
+
+  // Split K: partial sums to this block's slot (thread-major, so the reducing block reads
+  // them back into the same registers), count in; the last block sums all slots in order.
+  if (splits > 1) {
+    float* ws = p.workspace;
+    const int64_t slot_floats = static_cast<int64_t>(kAcc) * Cfg::kThreads;
+#pragma unroll
+    for (int r = 0; r < kAcc; ++r) __stcg(ws + blockIdx.x * slot_floats + r * Cfg::kThreads + tid, acc[r]);
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) {
+      const int arrived = atomicAdd(p.counters + tile, 1);
+      s_last = arrived == splits - 1;
+      if (s_last) p.counters[tile] = 0;  // all have counted: ready for the next launch
+    }
+    __syncthreads();
+    if (!s_last) return;
+    __threadfence();
+    const float* first = ws + static_cast<int64_t>(tile) * splits * slot_floats;
+#pragma unroll
+    for (int r = 0; r < kAcc; ++r) acc[r] = __ldcg(first + r * Cfg::kThreads + tid);
+    for (int s = 1; s < splits; ++s) {
+#pragma unroll
+      for (int r = 0; r < kAcc; ++r) acc[r] += __ldcg(first + s * slot_floats + r * Cfg::kThreads + tid);
+    }
+  }
+
+  // Epilogue: element (row 16 warp + lane / 4 + 8 (e >> 1), token 8 j + 2 (lane % 4) + (e & 1))
+  // of the block's channels x tokens tile is acc[4 j + e].
+  const T* bias = static_cast<const T*>(p.bias);
+  T* y = static_cast<T*>(p.y);
+  const int64_t n_out = p.n;
+  const int64_t n_row = n_t * Cfg::kBN + warp * 16 + (lane >> 2);
+  float b[2] = {0.f, 0.f};
+  if (bias != nullptr) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      if (n_row + 8 * h < n_out) b[h] = P::to_float(bias[n_row + 8 * h]);
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < kBM / 8; ++j) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int64_t m = m0 + 8 * j + 2 * (lane & 3) + (e & 1);
+      const int64_t n = n_row + 8 * (e >> 1);
+      if (m < m_rows && n < n_out) y[m * n_out + n] = P::from_float(acc[4 * j + e] + b[e >> 1]);
+    }
+  }
+#else
+  __trap();  // not an sm_90a build: the launcher refuses before this can run
+#endif
+}
+
+}  // namespace prefill
+
+namespace {
+
+template <typename T, typename Cfg>
+cudaError_t launch_kernel(const PrefillGemmParams& p, int grid) {
+  auto kernel = prefill::prefill_gemm_kernel<T, Cfg>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         Cfg::kSmemBytes);
+  if (err != cudaSuccess) return err;
+  kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, p.stream>>>(p);
+  return cudaGetLastError();
+}
+
+// Ring depth per token tile: the deepest ring with which kMinBlocks blocks fit in the SM's
+// 227 KB of shared memory (BM = 256 holds 128 accumulators per thread: one block per SM).
+template <typename T, int BITS>
+cudaError_t launch_tile(const PrefillGemmParams& p, int grid) {
+  using prefill::Config;
+  switch (p.m_tile) {
+    case 64: return launch_kernel<T, Config<BITS, 64, 6, 2>>(p, grid);
+    case 128: return launch_kernel<T, Config<BITS, 128, 4, 2>>(p, grid);
+    case 256: return launch_kernel<T, Config<BITS, 256, 5, 1>>(p, grid);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace
+
+// Queried once per process (the first call's device): a process that mixes GPU
+// architectures is not supported by the Python layer either.
+bool prefill_gemm_compiled() {
+  static const bool compiled = [] {
+    cudaFuncAttributes attr{};
+  if (cudaFuncGetAttributes(&attr, prefill::prefill_gemm_kernel<
+                                         __half, prefill::Config<4, 128, 4, 2>>) != cudaSuccess) {
+      cudaGetLastError();  // clear the error: this is a query
+      return false;
+    }
+    return attr.binaryVersion == 90;
+  }();
+  return compiled;
+}
+
+cudaError_t launch_prefill_gemm(const PrefillGemmParams& p) {
+  if (p.m == 0 || p.n == 0) return cudaSuccess;
+  const bool gs_ok = (p.group_size_log2 >= 5 && p.group_size_log2 <= 8) ||
+                     p.group_size_log2 == 30;
+  const int64_t k_stages = p.k_pad / 64;
+  if ((p.bits != 4 && p.bits != 8) || !gs_ok || p.k % 8 != 0 || p.k_pad % 128 != 0 ||
+      p.n_pad % 128 != 0 || p.k_pad < p.k || p.n_pad < p.n ||
+      (p.m_tile != 64 && p.m_tile != 128 && p.m_tile != 256) || p.k_splits < 1 ||
+      p.k_splits > k_stages || (reinterpret_cast<uintptr_t>(p.x) & 15u) != 0 ||
+      p.weight == nullptr || p.scales == nullptr || p.y == nullptr ||
+      (p.k_splits > 1 && (p.workspace == nullptr || p.counters == nullptr)) ||
+      (p.zero_mode != ZeroMode::kSymmetric && p.zo == nullptr)) {
+    return cudaErrorInvalidValue;
+  }
+  const int64_t tiles = (p.n_pad / 128) * ((p.m + p.m_tile - 1) / p.m_tile);
+  const int64_t grid = tiles * p.k_splits;
+  if (grid > 0x7FFFFFFF) return cudaErrorInvalidValue;
+  if (!prefill_gemm_compiled()) return cudaErrorNotSupported;
+  const int g = static_cast<int>(grid);
+  switch (p.dtype) {
+    case DType::kFloat16:
+      return p.bits == 4 ? launch_tile<__half, 4>(p, g) : launch_tile<__half, 8>(p, g);
+    case DType::kBFloat16:
+      return p.bits == 4 ? launch_tile<__nv_bfloat16, 4>(p, g)
+                         : launch_tile<__nv_bfloat16, 8>(p, g);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace dqgemm

@@ -1,0 +1,204 @@
+"""Kernel "cuda_prefill": hand-written Hopper (sm_90a) W4A16 / W8A16 GEMM for any M.
+
+What it computes: y[M, N] = x[M, K] @ dequant(W)^T (+ bias) in one launch of
+csrc/prefill_gemm.cu: wgmma.mma_async with the weight dequantized in registers as the A
+operand (the decode layout's lane chunks are wgmma's A fragments) and x as the B operand in
+shared memory (128-byte swizzle); cp.async ring; optional deterministic split-K.
+The same formats as cuda_decode: 4/8-bit codes, groups 32/64/128/256 or per-channel,
+symmetric / zero points / offsets, fp16 / bf16 activations, act-order by one gather.
+
+Prepared layout: exactly cuda_decode's (:class:`dqgemm.kernels.cuda_decode.DecodePrepared`,
+built by :func:`dqgemm.kernels.cuda_decode.prepare_decode`); ``prepared_key`` makes the two
+kernels share one cached copy per weight.
+
+Tile choice (``m_tile`` tokens per block: 64, 128 or 256; ``k_splits`` blocks per output
+tile along K): a cost model over whole waves of blocks whose constants are data in
+configs/cuda_prefill.json; ``prefill_matmul(..., m_tile=, k_splits=)`` overrides it (the
+benchmark sweep, bench/cuda_prefill_bench.py, measures the choices).
+
+Constraints: compute capability 9.0 and an extension built for sm_90a (the default
+DQGEMM_CUDA_ARCHS "80;90a"), fp16/bf16 activations, K % 8 == 0. Workspaces are cuda_decode's
+(cached per device and stream, counters left at zero): CUDA-graph capturable after one
+warm-up call, no host synchronization.
+
+Test: pytest tests/test_cuda_prefill.py. Benchmark: python bench/cuda_prefill_bench.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from .. import _ext, registry
+from . import cuda_decode
+from .cuda_decode import TILE_N, DecodePrepared, padded_sizes
+
+M_TILES = (64, 128, 256)
+STAGE_K = 64            # k per pipeline stage (csrc/prefill_gemm.cu, Config::kBK)
+_CONFIG_FILE = os.path.join(os.path.dirname(__file__), "..", "configs", "cuda_prefill.json")
+
+
+@dataclasses.dataclass(frozen=True)
+class TileChoice:
+    """One launch configuration: tokens per block and blocks per output tile along K."""
+
+    m_tile: int
+    k_splits: int
+
+
+@functools.lru_cache(maxsize=None)
+def _config() -> Dict:
+    with open(_CONFIG_FILE) as f:
+        return json.load(f)
+
+
+@functools.lru_cache(maxsize=16)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def estimate_cost(m: int, n: int, k: int, choice: TileChoice, sms: int) -> float:
+    """Relative time of ``choice`` (configs/cuda_prefill.json, "cost_model"): whole waves of
+    blocks, each taking (stage overhead + m_tile) per 64-k stage; blocks sharing an SM
+    share its tensor cores, so a wave of b blocks per SM takes b times one block."""
+    model = _config()["cost_model"]
+    per_sm = int(model["blocks_per_sm"][str(choice.m_tile)])
+    n_pad, k_pad = padded_sizes(n, k)
+    blocks = (n_pad // TILE_N) * math.ceil(m / choice.m_tile) * choice.k_splits
+    waves = math.ceil(blocks / (sms * per_sm))
+    stages = math.ceil(k_pad / STAGE_K / choice.k_splits)
+    per_block = stages * (float(model["stage_overhead_tokens"]) + choice.m_tile)
+    split_penalty = 1.0 + float(model["split_penalty"]) * (choice.k_splits - 1)
+    return waves * per_sm * per_block * split_penalty
+
+
+@functools.lru_cache(maxsize=4096)
+def choose_tile(m: int, n: int, k: int, sms: int) -> TileChoice:
+    """The cheapest (m_tile, k_splits) by :func:`estimate_cost`."""
+    max_splits = int(_config()["cost_model"]["max_k_splits"])
+    k_stages = padded_sizes(n, k)[1] // STAGE_K
+    best = None
+    for m_tile in M_TILES:
+        for splits in range(1, min(max_splits, k_stages) + 1):
+            choice = TileChoice(m_tile, splits)
+            cost = estimate_cost(m, n, k, choice, sms)
+            if best is None or cost < best[0]:
+                best = (cost, choice)
+    return best[1]
+
+
+def prefill_matmul(x: torch.Tensor, prepared: DecodePrepared, bias: Optional[torch.Tensor],
+                   m_tile: Optional[int] = None, k_splits: Optional[int] = None,
+                   out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """y = x @ W^T (+ bias) with the Hopper prefill kernel. x: [M, K] fp16/bf16 on the
+    weight's device; ``m_tile`` / ``k_splits`` override the cost model (both or neither);
+    ``out`` is an optional contiguous [M, N] result buffer of x's dtype (tests poison it)."""
+    ext = _ext.extension()
+    if ext is None:
+        raise RuntimeError(f"dqgemm CUDA extension {_ext.extension_error()}")
+    if x.dim() != 2:
+        raise ValueError(f"x: expected a 2-D [M, K] tensor, got shape {tuple(x.shape)}")
+    m, k = x.shape
+    if k != prepared.k:
+        raise ValueError(f"x: expected {prepared.k} columns, got {k}")
+    if m < 1:
+        raise ValueError(f"x: expected at least 1 row, got {m}")
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        raise TypeError(f"x: expected float16 or bfloat16, got {x.dtype}")
+    if prepared.act_index is not None:
+        x = x.index_select(1, prepared.act_index)
+    if not x.is_contiguous() or x.data_ptr() % 16:
+        x = x.clone(memory_format=torch.contiguous_format)
+    scales, zo = prepared.params_for(x.dtype)
+    if bias is not None:
+        if bias.dtype != x.dtype:
+            bias = bias.to(x.dtype)
+        bias = bias.contiguous()
+    n = prepared.n
+    n_pad, k_pad = padded_sizes(n, k)
+    device = x.device
+    if (m_tile is None) != (k_splits is None):
+        raise ValueError(f"m_tile, k_splits: expected both or neither, got m_tile={m_tile!r}, "
+                         f"k_splits={k_splits!r}")
+    if m_tile is None:
+        choice = choose_tile(m, n, k, _sm_count(device.index))
+    else:
+        if m_tile not in M_TILES:
+            raise ValueError(f"m_tile: expected one of {M_TILES}, got {m_tile!r}")
+        if not isinstance(k_splits, int) or not 1 <= k_splits <= k_pad // STAGE_K:
+            raise ValueError(f"k_splits: expected an int in 1..{k_pad // STAGE_K}, got "
+                             f"{k_splits!r}")
+        choice = TileChoice(m_tile, k_splits)
+    tiles = (n_pad // TILE_N) * math.ceil(m / choice.m_tile)
+    stream = _ext.stream_handle(device)
+    ws_ptr = counters_ptr = 0
+    if choice.k_splits > 1:
+        ws, counters = cuda_decode.workspace(
+            device, stream, tiles * choice.k_splits * choice.m_tile * TILE_N, tiles)
+        ws_ptr, counters_ptr = ws.data_ptr(), counters.data_ptr()
+    if out is None:
+        y = torch.empty(m, n, dtype=x.dtype, device=device)
+    else:
+        if (tuple(out.shape) != (m, n) or out.dtype != x.dtype or out.device != device
+                or not out.is_contiguous()):
+            raise ValueError(f"out: expected a contiguous {x.dtype} [{m}, {n}] tensor on "
+                             f"{device}, got {out.dtype} {tuple(out.shape)} on {out.device}")
+        y = out
+    ext.prefill_gemm(
+        x=x.data_ptr(), weight=prepared.packed.data_ptr(), scales=scales.data_ptr(),
+        zo=0 if zo is None else zo.data_ptr(), bias=0 if bias is None else bias.data_ptr(),
+        y=y.data_ptr(), workspace=ws_ptr, counters=counters_ptr,
+        m=m, n=n, k=k, n_pad=n_pad, k_pad=k_pad,
+        groups_padded=cuda_decode.groups_padded(k, prepared.group_size),
+        group_size_log2=cuda_decode.group_size_log2(k, prepared.group_size),
+        bits=prepared.bits, dtype=_ext.dtype_code(x.dtype, "x"),
+        zero_mode=_ext.ZERO_MODE_CODES[prepared.zero_mode], m_tile=choice.m_tile,
+        k_splits=choice.k_splits, stream=stream)
+    return y
+
+
+class CudaPrefillKernel(registry.Kernel):
+    name = "cuda_prefill"
+    backend = "cuda"
+    priority = 14          # below cuda_decode: without a dispatch rule, decode serves M <= 64
+    prepared_key = "cuda_decode"
+
+    def available(self):
+        reason = _ext.cuda_unavailable_reason()
+        if reason is not None:
+            return reason
+        ext = _ext.extension()
+        if not hasattr(ext, "prefill_gemm"):
+            return "CUDA extension built without prefill_gemm (rebuild: pip install -e .)"
+        if "90a" not in str(getattr(ext, "COMPILED_ARCHS", "")).split(";"):
+            return (f"CUDA extension built without sm_90a (DQGEMM_CUDA_ARCHS="
+                    f"{ext.COMPILED_ARCHS!r}); the wgmma kernels need it")
+        return None
+
+    def supports(self, problem):
+        if problem.device_type != "cuda":
+            return f"needs a CUDA device, got {problem.device_type}"
+        if tuple(problem.arch) != (9, 0):
+            return f"needs compute capability 9.0 (Hopper, sm_90a wgmma), got {problem.arch}"
+        if problem.dtype not in (torch.float16, torch.bfloat16):
+            return f"needs fp16/bf16 activations, got {problem.dtype}"
+        if problem.k % 8:
+            return f"needs K % 8 == 0 (16-byte activation rows), got K = {problem.k}"
+        if problem.bits not in (4, 8):
+            return f"needs 4- or 8-bit codes, got {problem.bits}"
+        return None
+
+    def prepare(self, qweight):
+        return cuda_decode.prepare_decode(qweight)
+
+    def run(self, x, prepared, bias, spec):
+        return prefill_matmul(x, prepared, bias)
+
+
+registry.register(CudaPrefillKernel())

@@ -1,0 +1,273 @@
+"""cuda_prefill: the launch choice and argument checks (CPU, run in CI) and the Hopper
+kernel (GPU with compute capability 9.0 and an sm_90a build only).
+
+GPU tests compare against a float64 product of the dequantized weight on fresh random data,
+poison the output buffer before each launch, cover every token tile and k split, odd M, N
+and K, and check bitwise determinism and CUDA-graph replay. They skip cleanly elsewhere.
+"""
+
+import pytest
+import torch
+
+import dqgemm
+from dqgemm import ops, registry
+from dqgemm.kernels import cuda_decode as cd
+from dqgemm.kernels import cuda_prefill as cp
+
+TOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+# ----------------------------------------------------------------------------------------
+# CPU.
+# ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("m", [1, 64, 65, 256, 1000, 4096])
+@pytest.mark.parametrize("n,k", [(4096, 4096), (28672, 8192), (8192, 28672), (576, 11008)])
+def test_choice_is_valid_and_fills_the_machine(m, n, k):
+    choice = cp.choose_tile(m, n, k, 132)
+    assert choice.m_tile in cp.M_TILES
+    k_stages = cd.padded_sizes(n, k)[1] // cp.STAGE_K
+    assert 1 <= choice.k_splits <= min(k_stages, 4)
+    # the chosen configuration is no costlier than any other the model knows
+    for m_tile in cp.M_TILES:
+        for splits in range(1, 5):
+            other = cp.TileChoice(m_tile, splits)
+            assert cp.estimate_cost(m, n, k, choice, 132) <= cp.estimate_cost(m, n, k, other, 132)
+
+
+def test_choice_splits_k_when_tiles_are_few():
+    # 8192 x 4096 at M = 256: 32 n_tiles x 1-2 m tiles cannot fill 132 SMs without splits
+    assert cp.choose_tile(256, 4096, 14336, 132).k_splits > 1
+    # a wide layer at large M has tiles for several waves: no split
+    assert cp.choose_tile(4096, 28672, 8192, 132).k_splits == 1
+
+
+def _problem(**kw):
+    base = dict(m=256, n=4096, k=4096, bits=4, group_size=128, dtype=torch.float16,
+                scale_dtype=torch.float16, zero_mode="symmetric", act_order=False,
+                device_type="cuda", device_name="NVIDIA H100 80GB HBM3", arch=(9, 0))
+    base.update(kw)
+    return registry.Problem(**base)
+
+
+def test_supports_reasons():
+    kernel = registry.get_kernel("cuda_prefill")
+    assert kernel.supports(_problem()) is None
+    assert "9.0" in kernel.supports(_problem(arch=(8, 0)))
+    assert "9.0" in kernel.supports(_problem(arch=(10, 0)))
+    assert "CUDA" in kernel.supports(_problem(device_type="cpu"))
+    assert "K % 8" in kernel.supports(_problem(k=4100))
+    assert "fp16/bf16" in kernel.supports(_problem(dtype=torch.float32))
+    assert "bits" not in (kernel.supports(_problem(bits=8)) or "")
+
+
+def test_shares_the_decode_layout_cache():
+    assert registry.get_kernel("cuda_prefill").prepared_key == "cuda_decode"
+    assert registry.get_kernel("cuda_decode").prepared_key is None
+
+
+def test_prepared_cache_key_is_shared(monkeypatch):
+    """Two kernels naming one prepared_key build the layout once per weight."""
+    calls = []
+
+    class Fake(registry.Kernel):
+        backend = "reference"
+
+        def __init__(self, name, key):
+            self.name, self.prepared_key = name, key
+
+        def prepare(self, qweight):
+            calls.append(self.name)
+            return registry.PreparedWeight(qweight.qdata, qweight.scales)
+
+    qw = dqgemm.quantize(torch.randn(64, 128), 4, 64)
+    args = (qw.qdata, qw.scales, qw.zero_points, qw.offsets, qw.g_idx, 4, 64, 128)
+    first = ops.prepared_for(Fake("fake_a", "shared_key"), *args)
+    second = ops.prepared_for(Fake("fake_b", "shared_key"), *args)
+    assert first is second and calls == ["fake_a"]
+
+
+# ----------------------------------------------------------------------------------------
+# GPU.
+# ----------------------------------------------------------------------------------------
+
+def _gpu_reason():
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    reason = registry.get_kernel("cuda_prefill").available()
+    if reason is not None:
+        return reason
+    if torch.cuda.get_device_capability() != (9, 0):
+        return f"needs compute capability 9.0, got {torch.cuda.get_device_capability()}"
+    return None
+
+
+gpu = pytest.mark.skipif(_gpu_reason() is not None, reason=f"needs a Hopper GPU: {_gpu_reason()}")
+
+
+def _make(n, k, bits, group_size, mode="symmetric", seed=0, act_order=False):
+    gen = torch.Generator().manual_seed(seed)
+    w = (torch.randn(n, k, generator=gen) * 0.02).cuda()
+    qw = dqgemm.quantize(w, bits, group_size,
+                         symmetric=mode not in ("zero_points", "fractional_zero"))
+    if mode == "offsets":
+        qw = qw.replace(offsets=(torch.randn(n, qw.num_groups, generator=gen) * 0.01)
+                        .half().cuda())
+    if mode == "fractional_zero":
+        qw = qw.replace(zero_points=qw.zero_points.float() + 0.375)
+    if act_order:
+        perm = torch.randperm(k, generator=gen)
+        gs = k if group_size == -1 else group_size
+        g_idx = (torch.arange(k) // gs)[perm].to(torch.int32)
+        qw = qw.replace(g_idx=g_idx.cuda())
+    return qw
+
+
+def _check(qw, m, dtype, bias=False, seed=1, repeats=1, x=None, m_tile=None, k_splits=None,
+           prep=None):
+    gen = torch.Generator().manual_seed(seed)
+    if x is None:
+        x = torch.randn(m, qw.in_features, generator=gen).to(dtype).cuda()
+    b = (torch.randn(qw.out_features, generator=gen) * 0.1).to(dtype).cuda() if bias else None
+    prep = prep or cd.prepare_decode(qw)
+    outs = []
+    for _ in range(repeats):
+        out = torch.full((m, qw.out_features), float("nan"), dtype=dtype, device="cuda")
+        cp.prefill_matmul(x, prep, b, m_tile=m_tile, k_splits=k_splits, out=out)
+        outs.append(out)
+    ref = x.double() @ qw.dequantize(torch.float64).t()
+    if b is not None:
+        ref = ref + b.double()
+    out = outs[0]
+    assert torch.isfinite(out).all(), "output holds NaN/Inf (unwritten or overflow)"
+    err = ((out.double() - ref).norm() / ref.norm()).item()
+    assert err <= TOL[dtype], (f"M={m} N={qw.out_features} K={qw.in_features} "
+                               f"m_tile={m_tile} k_splits={k_splits}: {err:.3e}")
+    for other in outs[1:]:
+        assert torch.equal(other, out), "results differ between runs"
+    return out
+
+
+SHAPES = [(576, 576), (1536, 576), (576, 1536), (6144, 1536), (11008, 576), (576, 11008),
+          (13824, 576), (1536, 6144)]
+
+
+@gpu
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("n,k", SHAPES)
+def test_shapes(n, k, bits):
+    qw = _make(n, k, bits, 64, seed=n + k)
+    prep = cd.prepare_decode(qw)
+    for m in (1, 3, 16, 17, 64, 129, 257, 1000):
+        _check(qw, m, torch.float16, seed=m, prep=prep)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["symmetric", "zero_points", "offsets"])
+@pytest.mark.parametrize("group_size", [32, 64, 128, 256, -1])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_groups_modes_dtypes(bits, group_size, mode, dtype):
+    qw = _make(640, 1536, bits, group_size, mode, seed=group_size + 5)
+    prep = cd.prepare_decode(qw)
+    for m in (1, 129, 300):
+        _check(qw, m, dtype, bias=m == 129, seed=m, prep=prep)
+
+
+@gpu
+@pytest.mark.parametrize("m_tile", cp.M_TILES)
+@pytest.mark.parametrize("k_splits", [1, 2, 3, 7])
+@pytest.mark.parametrize("bits,dtype", [(4, torch.float16), (8, torch.bfloat16),
+                                        (4, torch.bfloat16), (8, torch.float16)])
+def test_every_tile_and_split(m_tile, k_splits, bits, dtype):
+    qw = _make(384, 2304, bits, 128, "zero_points", seed=m_tile + k_splits)
+    prep = cd.prepare_decode(qw)
+    for m in (1, m_tile - 1, m_tile + 3, 2 * m_tile + 1):
+        _check(qw, m, dtype, seed=m, m_tile=m_tile, k_splits=k_splits, repeats=2, prep=prep)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bits,group_size", [(4, 128), (4, 32), (8, -1)])
+def test_activations_of_one_sign(bits, group_size, dtype):
+    qw = _make(384, 8192, bits, group_size, "zero_points", seed=7)
+    for m in (5, 200):
+        gen = torch.Generator().manual_seed(m)
+        x = torch.randn(m, 8192, generator=gen).abs() + 1.0
+        x[:, 100] = 60.0
+        _check(qw, m, dtype, x=x.to(dtype).cuda())
+
+
+@gpu
+@pytest.mark.parametrize("bits", [4, 8])
+def test_act_order_and_fractional_zero(bits):
+    _check(_make(576, 1536, bits, 128, act_order=True, seed=4), 300, torch.float16)
+    _check(_make(576, 1536, bits, 64, "zero_points", act_order=True, seed=5), 257,
+           torch.bfloat16)
+    _check(_make(576, 1536, bits, 32, "fractional_zero", seed=6), 130, torch.float16)
+
+
+@gpu
+def test_large_layer():
+    qw = _make(4096, 4096, 4, 128, seed=11)
+    for m in (256, 1024):
+        _check(qw, m, torch.float16, seed=m)
+
+
+@gpu
+def test_bitwise_deterministic_with_splits():
+    qw = _make(576, 13824, 4, 128, seed=7)
+    prep = cd.prepare_decode(qw)
+    for k_splits in (1, 4):
+        _check(qw, 300, torch.float16, repeats=4, m_tile=128, k_splits=k_splits, prep=prep)
+
+
+@gpu
+def test_counters_left_at_zero_and_graph_replay():
+    qw = _make(1536, 6144, 4, 128, seed=9)
+    prep = cd.prepare_decode(qw)
+    x = torch.randn(200, 6144, device="cuda", dtype=torch.float16)
+    eager = cp.prefill_matmul(x, prep, None, m_tile=128, k_splits=3)
+    torch.cuda.synchronize()
+    for _, counters in cd._WORKSPACES.values():
+        assert int(counters.abs().sum()) == 0
+    static_out = torch.empty_like(eager)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        cp.prefill_matmul(x, prep, None, m_tile=128, k_splits=3, out=static_out)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            cp.prefill_matmul(x, prep, None, m_tile=128, k_splits=3, out=static_out)
+    torch.cuda.current_stream().wait_stream(stream)
+    for _ in range(3):
+        static_out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(static_out, eager)
+
+
+@gpu
+def test_tile_override_checked():
+    qw = _make(256, 512, 4, 128, seed=12)
+    prep = cd.prepare_decode(qw)
+    x = torch.randn(4, 512, device="cuda", dtype=torch.float16)
+    with pytest.raises(ValueError, match="m_tile"):
+        cp.prefill_matmul(x, prep, None, m_tile=96, k_splits=1)
+    with pytest.raises(ValueError, match="k_splits"):
+        cp.prefill_matmul(x, prep, None, m_tile=64, k_splits=9)
+    with pytest.raises(ValueError, match="both or neither"):
+        cp.prefill_matmul(x, prep, None, m_tile=64)
+
+
+@gpu
+def test_public_matmul_reaches_cuda_prefill():
+    qw = _make(576, 1536, 4, 128, seed=10)
+    x = torch.randn(2, 150, 1536, device="cuda", dtype=torch.bfloat16)
+    kernel = registry.get_kernel("cuda_prefill")
+    out = kernel.run(x.reshape(-1, 1536), ops.prepared_for(
+        kernel, qw.qdata, qw.scales, qw.zero_points, qw.offsets, qw.g_idx, 4, 128, 1536),
+        None, None)
+    ref = x.reshape(-1, 1536).double() @ qw.dequantize(torch.float64).t()
+    err = ((out.double() - ref).norm() / ref.norm()).item()
+    assert err <= TOL[torch.bfloat16]
