@@ -10,7 +10,8 @@ the FP16 product's own rounding): a wrong configuration is reported and not time
 The sweep is the data the cost model's constants are fitted to.
 
 Usage: python bench/cuda_prefill_bench.py [--shapes llama3-8b,llama3-70b] [--m 256,1024,4096]
-           [--bits 4,8] [--splits 1,2,3,4] [--json PATH]
+           [--bits 4,8] [--splits 1,2,3,4] [--m-tiles 64,128,256]
+           [--n-tiles 128,256] [--json PATH]
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ def main(argv=None) -> int:
     ap.add_argument("--bits", default="4,8")
     ap.add_argument("--splits", default="1,2,3,4")
     ap.add_argument("--m-tiles", default=",".join(map(str, cp.M_TILES)))
+    ap.add_argument("--n-tiles", default=",".join(map(str, cp.N_TILES)))
     ap.add_argument("--reps", type=int, default=timing.MIN_REPS)
     ap.add_argument("--no-dequant", action="store_true")
     ap.add_argument("--json", default=None)
@@ -72,6 +74,7 @@ def main(argv=None) -> int:
     bits_list = [int(v) for v in args.bits.split(",")]
     splits_list = [int(v) for v in args.splits.split(",")]
     m_tiles = [int(v) for v in args.m_tiles.split(",")]
+    n_tiles = [int(v) for v in args.n_tiles.split(",")]
     dequant = registry.get_kernel("cuda_dequant_gemm")
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows = []
@@ -100,36 +103,41 @@ def main(argv=None) -> int:
                                            for p in preps], device, reps=args.reps)
                     row["dequant_cublas_us"] = t.us
                     del preps
-                model = cp.choose_tile(m, n, k, sms)
-                row["model_choice"] = [model.m_tile, model.k_splits]
-                for m_tile in m_tiles:
-                    for splits in splits_list:
-                        if splits > cd.padded_sizes(n, k)[1] // cp.STAGE_K:
-                            continue
-                        out = torch.full((m, n), float("nan"), dtype=torch.float16, device="cuda")
-                        cp.prefill_matmul(x, weights[0][1], None, m_tile=m_tile,
-                                          k_splits=splits, out=out)
-                        err = _rel_err(out, ref)
-                        entry = {"m_tile": m_tile, "k_splits": splits, "rel_err": err}
-                        if not (err <= 4e-3 and torch.isfinite(out).all()):
-                            entry["not_ok"] = f"relative error {err:.3e}"
-                        else:
-                            t = timing.time_calls(
-                                [lambda p=p, mt=m_tile, s=splits:
-                                 cp.prefill_matmul(x, p, None, m_tile=mt, k_splits=s)
-                                 for _, p in weights], device, reps=args.reps)
-                            entry["us"] = t.us
-                        row["configs"].append(entry)
+                model = cp.choose_tile(m, n, k, sms, bits)
+                row["model_choice"] = [model.m_tile, model.k_splits, model.n_tile]
+                k_stages = cd.padded_sizes(n, k)[1] // cp.STAGE_K
+                for choice in cp.all_choices(max(splits_list)):
+                    if (choice.k_splits not in splits_list or choice.m_tile not in m_tiles
+                            or choice.n_tile not in n_tiles or choice.k_splits > k_stages):
+                        continue
+                    out = torch.full((m, n), float("nan"), dtype=torch.float16, device="cuda")
+                    cp.prefill_matmul(x, weights[0][1], None, m_tile=choice.m_tile,
+                                      k_splits=choice.k_splits, n_tile=choice.n_tile, out=out)
+                    err = _rel_err(out, ref)
+                    entry = {"m_tile": choice.m_tile, "n_tile": choice.n_tile,
+                             "k_splits": choice.k_splits, "rel_err": err}
+                    if not (err <= 4e-3 and torch.isfinite(out).all()):
+                        entry["not_ok"] = f"relative error {err:.3e}"
+                    else:
+                        t = timing.time_calls(
+                            [lambda p=p, c=choice:
+                             cp.prefill_matmul(x, p, None, m_tile=c.m_tile, k_splits=c.k_splits,
+                                               n_tile=c.n_tile)
+                             for _, p in weights], device, reps=args.reps)
+                        entry["us"] = t.us
+                    row["configs"].append(entry)
                 timed = [c for c in row["configs"] if "us" in c]
                 best = min(timed, key=lambda c: c["us"]) if timed else None
-                model_us = next((c.get("us") for c in timed if [c["m_tile"], c["k_splits"]]
+                model_us = next((c.get("us") for c in timed if
+                                 [c["m_tile"], c["k_splits"], c["n_tile"]]
                                  == row["model_choice"]), None)
                 row["best"] = best
                 rows.append(row)
                 elapsed = time.time() - t_start
-                best_txt = (f"best {best['m_tile']}/{best['k_splits']} {best['us']:.1f} us "
+                best_txt = (f"best {best['m_tile']}x{best['n_tile']}/{best['k_splits']} "
+                            f"{best['us']:.1f} us "
                             f"({row['fp16_us'] / best['us']:.2f}x FP16)") if best else "none ok"
-                model_txt = f"model {model.m_tile}/{model.k_splits} " + (
+                model_txt = f"model {model.m_tile}x{model.n_tile}/{model.k_splits} " + (
                     f"{model_us:.1f} us" if model_us else "-")
                 dq_txt = (f"dequant+cuBLAS {row['dequant_cublas_us']:.1f}"
                           if "dequant_cublas_us" in row else "")
@@ -160,7 +168,8 @@ def main(argv=None) -> int:
         if b:
             print(f"  INT{row['bits']} {row['k']:>5}x{row['n']:<5} M={row['m']:<5} "
                   f"{b['us']:8.1f} us {row['fp16_us'] / b['us']:5.2f}x  "
-                  f"(m_tile {b['m_tile']}, splits {b['k_splits']}; FP16 {row['fp16_us']:.1f})")
+                  f"(m_tile {b['m_tile']}, n_tile {b['n_tile']}, splits {b['k_splits']}; "
+                  f"FP16 {row['fp16_us']:.1f})")
     return 0
 
 

@@ -99,7 +99,7 @@ struct PrefillGemmParams {
   const void* zo = nullptr;
   const void* bias = nullptr;     // dtype [N] or null
   void* y = nullptr;              // dtype [M, N] row-major
-  float* workspace = nullptr;     // k_splits > 1: >= grid * m_tile * 128 floats
+  float* workspace = nullptr;     // k_splits > 1: >= grid * m_tile * n_tile floats
   int32_t* counters = nullptr;    // k_splits > 1: int32 [tiles], all 0 on entry; left 0
   int64_t m = 0;
   int64_t n = 0;
@@ -112,6 +112,7 @@ struct PrefillGemmParams {
   DType dtype = DType::kFloat16;
   ZeroMode zero_mode = ZeroMode::kSymmetric;
   int m_tile = 128;               // tokens per block tile: 64, 128 or 256
+  int n_tile = 128;               // channels per block tile: 128, or 256 (m_tile <= 128)
   int k_splits = 1;               // blocks per output tile along K (deterministic sum)
   cudaStream_t stream = nullptr;
 };

@@ -60,25 +60,34 @@ using decode::lds128;
 using decode::Pair;
 using decode::smem_addr;
 
-template <int BITS, int BM, int STAGES, int MIN_BLOCKS>
+template <int BITS, int BM, int NT, int STAGES, int MIN_BLOCKS>
 struct Config {
   static constexpr int kBits = BITS;
   static constexpr int kBM = BM;                // tokens per block tile (wgmma n)
+  static constexpr int kNT = NT;                // layout n_tiles (128 channels) per block
   static constexpr int kStages = STAGES;
   static constexpr int kMinBlocks = MIN_BLOCKS; // blocks per SM the ring depth allows
-  static constexpr int kBN = 128;               // channels per block (layout n_tile)
+  static constexpr int kBN = 128 * NT;          // channels per block
   static constexpr int kBK = 64;                // k per stage
   static constexpr int kThreads = 256;          // two warpgroups
+  // NT = 1: warpgroup g computes channels 64g..64g+63 of the n_tile (one m64 half);
+  // NT = 2: warpgroup g computes all 128 channels of n_tile 2t + g (two m64 halves), so
+  //         each x tile in shared memory feeds twice the channels (half the x traffic
+  //         per MAC from L2), at twice the dequantization per warp.
+  static constexpr int kHalves = NT;            // m64 wgmma row blocks per warpgroup
   static constexpr int kSpan = BITS == 4 ? 64 : 32;  // k per 16-byte lane chunk
-  static constexpr int kChunks = kBK / kSpan;         // lane chunks per stage: 1 or 2
+  static constexpr int kChunks = kBK / kSpan;         // lane chunks per slice and stage
   static constexpr int kXBytes = BM * 128;            // BM rows of 64 k (fp16 / bf16)
-  static constexpr int kWBytes = kChunks * 4096;      // 128 channels x 64 k codes
-  static constexpr int kPBytes = 512;                 // <= 2 groups (g32) x 256 bytes
+  static constexpr int kTileWBytes = kChunks * 4096;  // one n_tile x 64 k of codes
+  static constexpr int kWBytes = NT * kTileWBytes;
+  static constexpr int kTilePBytes = 512;             // <= 2 groups (g32) x 256 bytes
+  static constexpr int kPBytes = NT * kTilePBytes;
   static constexpr int kStageBytes = kXBytes + kWBytes + 2 * kPBytes;
   static constexpr int kSmemBytes = STAGES * kStageBytes + 1024;  // + alignment slack
-  static constexpr int kAccRegs = BM / 2;
+  static constexpr int kAccRegs = BM / 2;             // per half
   static_assert(kStageBytes % 1024 == 0, "stages must stay 1024-byte aligned (swizzle)");
   static_assert(STAGES >= 3, "the ring keeps STAGES - 2 stages in flight");
+  static_assert(NT == 1 || NT == 2, "one or two n_tiles per block");
 };
 
 // Shared-memory matrix descriptor of a K-major tile with the 128-byte swizzle: rows of
@@ -96,14 +105,15 @@ prefill_gemm_kernel(const PrefillGemmParams p) {
   using P = Pair<T>;
   using Mma = wgmma::Wgmma<T, Cfg::kBM>;
   constexpr int kBM = Cfg::kBM, kStages = Cfg::kStages, kBits = Cfg::kBits;
-  constexpr int kAcc = Cfg::kAccRegs;
+  constexpr int kAcc = Cfg::kAccRegs, kNT = Cfg::kNT, kHalves = Cfg::kHalves;
   constexpr bool kF32Path = kBits == 8 && P::kMagic == 0x43004300u;  // INT8 bf16
   extern __shared__ uint8_t smem_raw[];
   __shared__ int s_last;
 
   const int tid = threadIdx.x;
   const int lane = tid & 31;
-  const int warp = tid >> 5;  // = the n16 slice of the layout; warp >> 2 = warpgroup
+  const int warp = tid >> 5;
+  const int wg = warp >> 2;  // warpgroup
   const int64_t m_rows = p.m;
   const int64_t k_real = p.k;
   const int m_tiles = static_cast<int>((m_rows + kBM - 1) / kBM);
@@ -111,7 +121,8 @@ prefill_gemm_kernel(const PrefillGemmParams p) {
   const int tile = blockIdx.x / splits;
   const int split = blockIdx.x - tile * splits;
   const int m_t = tile % m_tiles;
-  const int64_t n_t = tile / m_tiles;
+  const int64_t n_t = tile / m_tiles;  // block column: n_tiles kNT n_t .. kNT n_t + kNT - 1
+  const int64_t n_tiles = p.n_pad / 128;
   const int64_t m0 = static_cast<int64_t>(m_t) * kBM;
   const int k_stages = static_cast<int>(p.k_pad / Cfg::kBK);
   const int kb_begin = static_cast<int>(static_cast<int64_t>(split) * k_stages / splits);
@@ -123,8 +134,8 @@ prefill_gemm_kernel(const PrefillGemmParams p) {
 
   const uint32_t smem0 = (smem_addr(smem_raw) + 1023u) & ~1023u;
   const T* __restrict__ x = static_cast<const T*>(p.x);
-  const uint8_t* __restrict__ wtile =
-      static_cast<const uint8_t*>(p.weight) + n_t * (p.k_pad / Cfg::kSpan) * 4096 + tid * 16;
+  const int64_t tile_wbytes = (p.k_pad / Cfg::kSpan) * 4096;  // one n_tile's codes
+  const uint8_t* __restrict__ wbase = static_cast<const uint8_t*>(p.weight) + tid * 16;
   const uint8_t* __restrict__ sbase = static_cast<const uint8_t*>(p.scales);
   const uint8_t* __restrict__ zbase = static_cast<const uint8_t*>(p.zo);
 
@@ -144,34 +155,53 @@ prefill_gemm_kernel(const PrefillGemmParams p) {
       cp_async16_zfill(st + row * 128 + ((j ^ (row & 7)) << 4), valid ? x + m * k_real + k : x,
                        valid ? 16 : 0);
     }
+    // An n_tile past the last one (odd n_tiles with kNT = 2) is not loaded; its
+    // channels are computed on stale data and never stored.
 #pragma unroll
-    for (int i = 0; i < Cfg::kChunks; ++i) {
-      cp_async16_stream(st + Cfg::kXBytes + i * 4096 + tid * 16,
-                        wtile + (static_cast<int64_t>(kb) * Cfg::kChunks + i) * 4096);
+    for (int t = 0; t < kNT; ++t) {
+      const int64_t nt = n_t * kNT + t;
+      if (nt < n_tiles) {
+#pragma unroll
+        for (int i = 0; i < Cfg::kChunks; ++i) {
+          cp_async16_stream(
+              st + Cfg::kXBytes + t * Cfg::kTileWBytes + i * 4096 + tid * 16,
+              wbase + nt * tile_wbytes + (static_cast<int64_t>(kb) * Cfg::kChunks + i) * 4096);
+        }
+      }
     }
     const int64_t g0 = k0 >> gs_log2;  // per-channel (log2 = 30): 0
     const int pchunks = two_groups ? 32 : 16;
-    const int c = Cfg::kThreads - 1 - tid;  // the last warp: away from warp 0's x copies
-    if (c < pchunks) {
-      const int64_t off = (n_t * p.groups_padded + g0) * 256 + c * 16;
-      const uint32_t dst = st + Cfg::kXBytes + Cfg::kWBytes + c * 16;
-      cp_async16_zfill(dst, sbase + off, 16);
-      if (mode != static_cast<int>(ZeroMode::kSymmetric)) {
-        cp_async16_zfill(dst + Cfg::kPBytes, zbase + off, 16);
+    const int c = Cfg::kThreads - 1 - tid;  // the last warps: away from warp 0's x copies
+    if (c < kNT * pchunks) {
+      const int t = c / pchunks;
+      const int cc = c - t * pchunks;
+      const int64_t nt = n_t * kNT + t;
+      if (nt < n_tiles) {
+        const int64_t off = (nt * p.groups_padded + g0) * 256 + cc * 16;
+        const uint32_t dst = st + Cfg::kXBytes + Cfg::kWBytes + t * Cfg::kTilePBytes + cc * 16;
+        cp_async16_zfill(dst, sbase + off, 16);
+        if (mode != static_cast<int>(ZeroMode::kSymmetric)) {
+          cp_async16_zfill(dst + Cfg::kPBytes, zbase + off, 16);
+        }
       }
     }
   };
 
-  // Dequantize this lane's A fragments of the stage in `slot` into a[k16 step][4].
+  // Dequantize this lane's A fragments of the stage in `slot` for m64 half h into
+  // a[k16 step][4]: the layout slice this warp feeds is (warp & 3) + 4 h of n_tile
+  // kNT n_t + wg (kNT = 2) or slice warp of n_tile n_t (kNT = 1).
   const GroupConsts gconst = decode::group_consts<T, kBits>();
-  auto dequant_stage = [&](int slot, uint32_t (&a)[4][4]) {
+  const int wtile_local = kNT == 2 ? wg : 0;
+  auto dequant_stage = [&](int slot, int h, uint32_t (&a)[4][4]) {
+    const int slice = kNT == 2 ? (warp & 3) + 4 * h : warp;
     const uint32_t st = smem0 + slot * Cfg::kStageBytes;
-    const uint32_t s_st = st + Cfg::kXBytes + Cfg::kWBytes;
-    const uint32_t poff = warp * 32 + (lane >> 2) * 4;
+    const uint32_t s_st = st + Cfg::kXBytes + Cfg::kWBytes + wtile_local * Cfg::kTilePBytes;
+    const uint32_t w_st = st + Cfg::kXBytes + wtile_local * Cfg::kTileWBytes;
+    const uint32_t poff = slice * 32 + (lane >> 2) * 4;
     uint4 wq[Cfg::kChunks];
 #pragma unroll
     for (int i = 0; i < Cfg::kChunks; ++i) {
-      wq[i] = lds128(st + Cfg::kXBytes + i * 4096 + (warp * 32 + lane) * 16);
+      wq[i] = lds128(w_st + i * 4096 + (slice * 32 + lane) * 16);
     }
 #pragma unroll
     for (int half = 0; half < 2; ++half) {  // k16 steps 0-1, 2-3 (a group each at g32)
@@ -195,10 +225,12 @@ prefill_gemm_kernel(const PrefillGemmParams p) {
     }
   };
 
-  float acc[kAcc];
+  float acc[kHalves][kAcc];
 #pragma unroll
-  for (int i = 0; i < kAcc; ++i) acc[i] = 0.f;
-  uint32_t afrag[2][4][4];
+  for (int h = 0; h < kHalves; ++h)
+#pragma unroll
+    for (int i = 0; i < kAcc; ++i) acc[h][i] = 0.f;
+  uint32_t afrag[2][kHalves][4][4];
 
 #pragma unroll
   for (int s = 0; s < kStages - 2; ++s) {
@@ -219,11 +251,14 @@ prefill_gemm_kernel(const PrefillGemmParams p) {
       load_stage(kb_begin + i + kStages - 2, sl);
     }
     cp_async_commit();
-    dequant_stage(slot, afrag[kBuf]);
+#pragma unroll
+    for (int h = 0; h < kHalves; ++h) dequant_stage(slot, h, afrag[kBuf][h]);
     const uint64_t desc = sw128_desc(smem0 + slot * Cfg::kStageBytes);
     wgmma::fence();
 #pragma unroll
-    for (int ks = 0; ks < 4; ++ks) Mma::rs(acc, afrag[kBuf][ks], desc + 2 * ks);
+    for (int h = 0; h < kHalves; ++h)
+#pragma unroll
+      for (int ks = 0; ks < 4; ++ks) Mma::rs(acc[h], afrag[kBuf][h][ks], desc + 2 * ks);
     wgmma::commit();
     wgmma::wait<1>();
     slot = slot + 1 == kStages ? 0 : slot + 1;
@@ -235,16 +270,21 @@ prefill_gemm_kernel(const PrefillGemmParams p) {
   }
   if (i < n_stages) step(i, std::integral_constant<int, 0>{});
   wgmma::wait<0>();
-  wgmma::fence_operands(acc);
+#pragma unroll
+  for (int h = 0; h < kHalves; ++h) wgmma::fence_operands(acc[h]);
   cp_async_wait<0>();
 
   // Split K: partial sums to this block's slot (thread-major, so the reducing block reads
   // them back into the same registers), count in; the last block sums all slots in order.
   if (splits > 1) {
     float* ws = p.workspace;
-    const int64_t slot_floats = static_cast<int64_t>(kAcc) * Cfg::kThreads;
+    constexpr int kRegs = kHalves * kAcc;
+    const int64_t slot_floats = static_cast<int64_t>(kRegs) * Cfg::kThreads;
+    float* mine = ws + blockIdx.x * slot_floats + tid;
 #pragma unroll
-    for (int r = 0; r < kAcc; ++r) __stcg(ws + blockIdx.x * slot_floats + r * Cfg::kThreads + tid, acc[r]);
+    for (int h = 0; h < kHalves; ++h)
+#pragma unroll
+      for (int r = 0; r < kAcc; ++r) __stcg(mine + (h * kAcc + r) * Cfg::kThreads, acc[h][r]);
     __threadfence();
     __syncthreads();
     if (tid == 0) {
@@ -255,35 +295,47 @@ prefill_gemm_kernel(const PrefillGemmParams p) {
     __syncthreads();
     if (!s_last) return;
     __threadfence();
-    const float* first = ws + static_cast<int64_t>(tile) * splits * slot_floats;
+    const float* first = ws + static_cast<int64_t>(tile) * splits * slot_floats + tid;
 #pragma unroll
-    for (int r = 0; r < kAcc; ++r) acc[r] = __ldcg(first + r * Cfg::kThreads + tid);
+    for (int h = 0; h < kHalves; ++h)
+#pragma unroll
+      for (int r = 0; r < kAcc; ++r) acc[h][r] = __ldcg(first + (h * kAcc + r) * Cfg::kThreads);
     for (int s = 1; s < splits; ++s) {
 #pragma unroll
-      for (int r = 0; r < kAcc; ++r) acc[r] += __ldcg(first + s * slot_floats + r * Cfg::kThreads + tid);
+      for (int h = 0; h < kHalves; ++h)
+#pragma unroll
+        for (int r = 0; r < kAcc; ++r)
+          acc[h][r] += __ldcg(first + s * slot_floats + (h * kAcc + r) * Cfg::kThreads);
     }
   }
 
-  // Epilogue: element (row 16 warp + lane / 4 + 8 (e >> 1), token 8 j + 2 (lane % 4) + (e & 1))
-  // of the block's channels x tokens tile is acc[4 j + e].
+  // Epilogue: in m64 half h, element (row 16 (warp & 3) + lane / 4 + 8 (e >> 1), token
+  // 8 j + 2 (lane % 4) + (e & 1)) of the warpgroup's rows x tokens is acc[h][4 j + e].
   const T* bias = static_cast<const T*>(p.bias);
   T* y = static_cast<T*>(p.y);
   const int64_t n_out = p.n;
-  const int64_t n_row = n_t * Cfg::kBN + warp * 16 + (lane >> 2);
-  float b[2] = {0.f, 0.f};
-  if (bias != nullptr) {
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      if (n_row + 8 * h < n_out) b[h] = P::to_float(bias[n_row + 8 * h]);
+  for (int h = 0; h < kHalves; ++h) {
+    const int64_t n_row = kNT == 2
+        ? (n_t * 2 + wg) * 128 + h * 64 + (warp & 3) * 16 + (lane >> 2)
+        : n_t * 128 + warp * 16 + (lane >> 2);
+    float b[2] = {0.f, 0.f};
+    if (bias != nullptr) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        if (n_row + 8 * r < n_out) b[r] = P::to_float(bias[n_row + 8 * r]);
+      }
     }
-  }
 #pragma unroll
-  for (int j = 0; j < kBM / 8; ++j) {
+    for (int j = 0; j < kBM / 8; ++j) {
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int64_t m = m0 + 8 * j + 2 * (lane & 3) + (e & 1);
-      const int64_t n = n_row + 8 * (e >> 1);
-      if (m < m_rows && n < n_out) y[m * n_out + n] = P::from_float(acc[4 * j + e] + b[e >> 1]);
+      for (int e = 0; e < 4; ++e) {
+        const int64_t m = m0 + 8 * j + 2 * (lane & 3) + (e & 1);
+        const int64_t n = n_row + 8 * (e >> 1);
+        if (m < m_rows && n < n_out) {
+          y[m * n_out + n] = P::from_float(acc[h][4 * j + e] + b[e >> 1]);
+        }
+      }
     }
   }
 #else
@@ -310,10 +362,17 @@ cudaError_t launch_kernel(const PrefillGemmParams& p, int grid) {
 template <typename T, int BITS>
 cudaError_t launch_tile(const PrefillGemmParams& p, int grid) {
   using prefill::Config;
+  if (p.n_tile == 256) {  // two n_tiles per block: BM accumulators per thread
+    switch (p.m_tile) {
+      case 64: return launch_kernel<T, Config<BITS, 64, 2, BITS == 4 ? 6 : 4, 2>>(p, grid);
+      case 128: return launch_kernel<T, Config<BITS, 128, 2, 6, 1>>(p, grid);
+      default: return cudaErrorInvalidValue;
+    }
+  }
   switch (p.m_tile) {
-    case 64: return launch_kernel<T, Config<BITS, 64, 6, 2>>(p, grid);
-    case 128: return launch_kernel<T, Config<BITS, 128, 4, 2>>(p, grid);
-    case 256: return launch_kernel<T, Config<BITS, 256, 5, 1>>(p, grid);
+    case 64: return launch_kernel<T, Config<BITS, 64, 1, 6, 2>>(p, grid);
+    case 128: return launch_kernel<T, Config<BITS, 128, 1, 4, 2>>(p, grid);
+    case 256: return launch_kernel<T, Config<BITS, 256, 1, 5, 1>>(p, grid);
     default: return cudaErrorInvalidValue;
   }
 }
@@ -326,7 +385,7 @@ bool prefill_gemm_compiled() {
   static const bool compiled = [] {
     cudaFuncAttributes attr{};
   if (cudaFuncGetAttributes(&attr, prefill::prefill_gemm_kernel<
-                                         __half, prefill::Config<4, 128, 4, 2>>) != cudaSuccess) {
+                                         __half, prefill::Config<4, 128, 1, 4, 2>>) != cudaSuccess) {
       cudaGetLastError();  // clear the error: this is a query
       return false;
     }
@@ -342,14 +401,17 @@ cudaError_t launch_prefill_gemm(const PrefillGemmParams& p) {
   const int64_t k_stages = p.k_pad / 64;
   if ((p.bits != 4 && p.bits != 8) || !gs_ok || p.k % 8 != 0 || p.k_pad % 128 != 0 ||
       p.n_pad % 128 != 0 || p.k_pad < p.k || p.n_pad < p.n ||
-      (p.m_tile != 64 && p.m_tile != 128 && p.m_tile != 256) || p.k_splits < 1 ||
+      (p.m_tile != 64 && p.m_tile != 128 && p.m_tile != 256) ||
+      (p.n_tile != 128 && p.n_tile != 256) || (p.n_tile == 256 && p.m_tile == 256) ||
+      p.k_splits < 1 ||
       p.k_splits > k_stages || (reinterpret_cast<uintptr_t>(p.x) & 15u) != 0 ||
       p.weight == nullptr || p.scales == nullptr || p.y == nullptr ||
       (p.k_splits > 1 && (p.workspace == nullptr || p.counters == nullptr)) ||
       (p.zero_mode != ZeroMode::kSymmetric && p.zo == nullptr)) {
     return cudaErrorInvalidValue;
   }
-  const int64_t tiles = (p.n_pad / 128) * ((p.m + p.m_tile - 1) / p.m_tile);
+  const int64_t tiles =
+      ((p.n_pad + p.n_tile - 1) / p.n_tile) * ((p.m + p.m_tile - 1) / p.m_tile);
   const int64_t grid = tiles * p.k_splits;
   if (grid > 0x7FFFFFFF) return cudaErrorInvalidValue;
   if (!prefill_gemm_compiled()) return cudaErrorNotSupported;

@@ -28,18 +28,46 @@ def test_choice_is_valid_and_fills_the_machine(m, n, k):
     assert choice.m_tile in cp.M_TILES
     k_stages = cd.padded_sizes(n, k)[1] // cp.STAGE_K
     assert 1 <= choice.k_splits <= min(k_stages, 4)
-    # the chosen configuration is no costlier than any other the model knows
-    for m_tile in cp.M_TILES:
-        for splits in range(1, 5):
-            other = cp.TileChoice(m_tile, splits)
-            assert cp.estimate_cost(m, n, k, choice, 132) <= cp.estimate_cost(m, n, k, other, 132)
+    assert choice.valid()
 
 
-def test_choice_splits_k_when_tiles_are_few():
-    # 8192 x 4096 at M = 256: 32 n_tiles x 1-2 m tiles cannot fill 132 SMs without splits
-    assert cp.choose_tile(256, 4096, 14336, 132).k_splits > 1
-    # a wide layer at large M has tiles for several waves: no split
-    assert cp.choose_tile(4096, 28672, 8192, 132).k_splits == 1
+@pytest.mark.parametrize("m", [1, 64, 300, 4096])
+def test_model_choice_is_cheapest(m, monkeypatch):
+    monkeypatch.setitem(cp._config(), "measured", [])
+    cp.choose_tile.cache_clear()
+    try:
+        choice = cp.choose_tile(m, 4096, 14336, 132)
+        for other in cp.all_choices(4):
+            assert (cp.estimate_cost(m, 4096, 14336, choice, 132)
+                    <= cp.estimate_cost(m, 4096, 14336, other, 132))
+    finally:
+        cp.choose_tile.cache_clear()
+
+
+def test_measured_table_wins_near_its_m(monkeypatch):
+    entry = {"k": 4096, "n": 4096, "bits": 4, "m": 1024, "m_tile": 64, "n_tile": 256,
+             "k_splits": 3}
+    monkeypatch.setitem(cp._config(), "measured", [entry])
+    cp.choose_tile.cache_clear()
+    try:
+        assert cp.choose_tile(1024, 4096, 4096, 132, 4) == cp.TileChoice(64, 3, 256)
+        assert cp.choose_tile(1500, 4096, 4096, 132, 4) == cp.TileChoice(64, 3, 256)
+        # far from the measured M, or another width: the model decides
+        assert cp.choose_tile(64, 4096, 4096, 132, 4) == cp.choose_tile(64, 4096, 4096, 132, 8)
+    finally:
+        cp.choose_tile.cache_clear()
+
+
+def test_model_splits_k_when_tiles_are_few(monkeypatch):
+    monkeypatch.setitem(cp._config(), "measured", [])
+    cp.choose_tile.cache_clear()
+    try:
+        # 14336 x 4096 at M = 256: 32 n_tiles x 1-2 m tiles cannot fill 132 SMs unsplit
+        assert cp.choose_tile(256, 4096, 14336, 132).k_splits > 1
+        # a wide layer at large M has tiles for several waves: no split
+        assert cp.choose_tile(4096, 28672, 8192, 132).k_splits == 1
+    finally:
+        cp.choose_tile.cache_clear()
 
 
 def _problem(**kw):
@@ -124,7 +152,7 @@ def _make(n, k, bits, group_size, mode="symmetric", seed=0, act_order=False):
 
 
 def _check(qw, m, dtype, bias=False, seed=1, repeats=1, x=None, m_tile=None, k_splits=None,
-           prep=None):
+           n_tile=128, prep=None):
     gen = torch.Generator().manual_seed(seed)
     if x is None:
         x = torch.randn(m, qw.in_features, generator=gen).to(dtype).cuda()
@@ -133,7 +161,7 @@ def _check(qw, m, dtype, bias=False, seed=1, repeats=1, x=None, m_tile=None, k_s
     outs = []
     for _ in range(repeats):
         out = torch.full((m, qw.out_features), float("nan"), dtype=dtype, device="cuda")
-        cp.prefill_matmul(x, prep, b, m_tile=m_tile, k_splits=k_splits, out=out)
+        cp.prefill_matmul(x, prep, b, m_tile=m_tile, k_splits=k_splits, n_tile=n_tile, out=out)
         outs.append(out)
     ref = x.double() @ qw.dequantize(torch.float64).t()
     if b is not None:
@@ -142,7 +170,8 @@ def _check(qw, m, dtype, bias=False, seed=1, repeats=1, x=None, m_tile=None, k_s
     assert torch.isfinite(out).all(), "output holds NaN/Inf (unwritten or overflow)"
     err = ((out.double() - ref).norm() / ref.norm()).item()
     assert err <= TOL[dtype], (f"M={m} N={qw.out_features} K={qw.in_features} "
-                               f"m_tile={m_tile} k_splits={k_splits}: {err:.3e}")
+                               f"m_tile={m_tile} n_tile={n_tile} k_splits={k_splits}: "
+                               f"{err:.3e}")
     for other in outs[1:]:
         assert torch.equal(other, out), "results differ between runs"
     return out
@@ -175,15 +204,30 @@ def test_groups_modes_dtypes(bits, group_size, mode, dtype):
 
 
 @gpu
-@pytest.mark.parametrize("m_tile", cp.M_TILES)
+@pytest.mark.parametrize("m_tile,n_tile", [(64, 128), (128, 128), (256, 128), (64, 256),
+                                           (128, 256)])
 @pytest.mark.parametrize("k_splits", [1, 2, 3, 7])
 @pytest.mark.parametrize("bits,dtype", [(4, torch.float16), (8, torch.bfloat16),
                                         (4, torch.bfloat16), (8, torch.float16)])
-def test_every_tile_and_split(m_tile, k_splits, bits, dtype):
+def test_every_tile_and_split(m_tile, n_tile, k_splits, bits, dtype):
+    # N = 384: three n_tiles, so 256-channel blocks end on a half-empty block
     qw = _make(384, 2304, bits, 128, "zero_points", seed=m_tile + k_splits)
     prep = cd.prepare_decode(qw)
     for m in (1, m_tile - 1, m_tile + 3, 2 * m_tile + 1):
-        _check(qw, m, dtype, seed=m, m_tile=m_tile, k_splits=k_splits, repeats=2, prep=prep)
+        _check(qw, m, dtype, seed=m, m_tile=m_tile, k_splits=k_splits, n_tile=n_tile,
+               repeats=2, prep=prep, bias=m == 1)
+
+
+@gpu
+@pytest.mark.parametrize("mode", ["symmetric", "offsets"])
+@pytest.mark.parametrize("group_size", [32, -1])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_wide_tiles_groups_modes(bits, group_size, mode):
+    qw = _make(640, 1536, bits, group_size, mode, seed=group_size + 17)
+    prep = cd.prepare_decode(qw)
+    for dtype in (torch.float16, torch.bfloat16):
+        for m in (3, 200):
+            _check(qw, m, dtype, seed=m, m_tile=128, k_splits=2, n_tile=256, prep=prep)
 
 
 @gpu
@@ -258,6 +302,8 @@ def test_tile_override_checked():
         cp.prefill_matmul(x, prep, None, m_tile=64, k_splits=9)
     with pytest.raises(ValueError, match="both or neither"):
         cp.prefill_matmul(x, prep, None, m_tile=64)
+    with pytest.raises(ValueError, match="n_tile"):
+        cp.prefill_matmul(x, prep, None, m_tile=256, k_splits=1, n_tile=256)
 
 
 @gpu

@@ -11,10 +11,12 @@ Prepared layout: exactly cuda_decode's (:class:`dqgemm.kernels.cuda_decode.Decod
 built by :func:`dqgemm.kernels.cuda_decode.prepare_decode`); ``prepared_key`` makes the two
 kernels share one cached copy per weight.
 
-Tile choice (``m_tile`` tokens per block: 64, 128 or 256; ``k_splits`` blocks per output
-tile along K): a cost model over whole waves of blocks whose constants are data in
-configs/cuda_prefill.json; ``prefill_matmul(..., m_tile=, k_splits=)`` overrides it (the
-benchmark sweep, bench/cuda_prefill_bench.py, measures the choices).
+Tile choice (``m_tile`` tokens per block: 64, 128 or 256; ``n_tile`` channels per block:
+128 or 256; ``k_splits`` blocks per output tile along K): the configuration measured
+fastest for the layer shape (configs/cuda_prefill.json, "measured", written from the
+sweep of bench/cuda_prefill_bench.py), else a cost model over whole waves of blocks whose
+constants are data in the same file; ``prefill_matmul(..., m_tile=, k_splits=, n_tile=)``
+overrides both.
 
 Constraints: compute capability 9.0 and an extension built for sm_90a (the default
 DQGEMM_CUDA_ARCHS "80;90a"), fp16/bf16 activations, K % 8 == 0. Workspaces are cuda_decode's
@@ -40,16 +42,30 @@ from . import cuda_decode
 from .cuda_decode import TILE_N, DecodePrepared, padded_sizes
 
 M_TILES = (64, 128, 256)
+N_TILES = (128, 256)    # channels per block; 256 only with m_tile <= 128 (registers)
 STAGE_K = 64            # k per pipeline stage (csrc/prefill_gemm.cu, Config::kBK)
 _CONFIG_FILE = os.path.join(os.path.dirname(__file__), "..", "configs", "cuda_prefill.json")
 
 
 @dataclasses.dataclass(frozen=True)
 class TileChoice:
-    """One launch configuration: tokens per block and blocks per output tile along K."""
+    """One launch configuration: tokens and channels per block, blocks per output tile
+    along K."""
 
     m_tile: int
     k_splits: int
+    n_tile: int = 128
+
+    def valid(self) -> bool:
+        return (self.m_tile in M_TILES and self.n_tile in N_TILES and self.k_splits >= 1
+                and not (self.n_tile == 256 and self.m_tile == 256))
+
+
+def all_choices(max_splits: int):
+    """Every launch configuration with at most ``max_splits`` k splits."""
+    return [TileChoice(m_tile, splits, n_tile) for n_tile in N_TILES for m_tile in M_TILES
+            for splits in range(1, max_splits + 1)
+            if TileChoice(m_tile, splits, n_tile).valid()]
 
 
 @functools.lru_cache(maxsize=None)
@@ -65,40 +81,57 @@ def _sm_count(device_index: int) -> int:
 
 def estimate_cost(m: int, n: int, k: int, choice: TileChoice, sms: int) -> float:
     """Relative time of ``choice`` (configs/cuda_prefill.json, "cost_model"): whole waves of
-    blocks, each taking (stage overhead + m_tile) per 64-k stage; blocks sharing an SM
-    share its tensor cores, so a wave of b blocks per SM takes b times one block."""
+    blocks, each taking (stage overhead + m_tile) x n_tile / 128 per 64-k stage; blocks
+    sharing an SM share its tensor cores, so a wave of b blocks per SM takes b times one
+    block."""
     model = _config()["cost_model"]
-    per_sm = int(model["blocks_per_sm"][str(choice.m_tile)])
+    per_sm = int(model["blocks_per_sm"][f"{choice.m_tile}x{choice.n_tile}"])
     n_pad, k_pad = padded_sizes(n, k)
-    blocks = (n_pad // TILE_N) * math.ceil(m / choice.m_tile) * choice.k_splits
+    blocks = math.ceil(n_pad / choice.n_tile) * math.ceil(m / choice.m_tile) * choice.k_splits
     waves = math.ceil(blocks / (sms * per_sm))
     stages = math.ceil(k_pad / STAGE_K / choice.k_splits)
-    per_block = stages * (float(model["stage_overhead_tokens"]) + choice.m_tile)
+    per_block = (stages * (float(model["stage_overhead_tokens"]) + choice.m_tile)
+                 * choice.n_tile / TILE_N)
     split_penalty = 1.0 + float(model["split_penalty"]) * (choice.k_splits - 1)
     return waves * per_sm * per_block * split_penalty
 
 
-@functools.lru_cache(maxsize=4096)
-def choose_tile(m: int, n: int, k: int, sms: int) -> TileChoice:
-    """The cheapest (m_tile, k_splits) by :func:`estimate_cost`."""
-    max_splits = int(_config()["cost_model"]["max_k_splits"])
-    k_stages = padded_sizes(n, k)[1] // STAGE_K
+def measured_choice(m: int, n: int, k: int, bits: int) -> Optional[TileChoice]:
+    """The configuration measured fastest for this (K, N, bits) at the nearest measured M
+    (configs/cuda_prefill.json, "measured": from bench/cuda_prefill_bench.py), or None."""
     best = None
-    for m_tile in M_TILES:
-        for splits in range(1, min(max_splits, k_stages) + 1):
-            choice = TileChoice(m_tile, splits)
-            cost = estimate_cost(m, n, k, choice, sms)
-            if best is None or cost < best[0]:
-                best = (cost, choice)
-    return best[1]
+    for entry in _config().get("measured", []):
+        if (entry["k"], entry["n"], entry["bits"]) != (k, n, bits):
+            continue
+        distance = abs(math.log2(m) - math.log2(entry["m"]))
+        if best is None or distance < best[0]:
+            best = (distance, TileChoice(int(entry["m_tile"]), int(entry["k_splits"]),
+                                         int(entry["n_tile"])))
+    return None if best is None else best[1]
+
+
+@functools.lru_cache(maxsize=4096)
+def choose_tile(m: int, n: int, k: int, sms: int, bits: int = 4) -> TileChoice:
+    """The measured configuration of this layer shape if there is one (for M within a
+    factor of 2 of a measured M), else the cheapest by :func:`estimate_cost`."""
+    measured = measured_choice(m, n, k, bits)
+    k_stages = padded_sizes(n, k)[1] // STAGE_K
+    if measured is not None and measured.k_splits <= k_stages:
+        nearest = min(abs(math.log2(m) - math.log2(e["m"])) for e in _config()["measured"]
+                      if (e["k"], e["n"], e["bits"]) == (k, n, bits))
+        if nearest <= 1.0:
+            return measured
+    max_splits = min(int(_config()["cost_model"]["max_k_splits"]), k_stages)
+    return min(all_choices(max_splits), key=lambda c: estimate_cost(m, n, k, c, sms))
 
 
 def prefill_matmul(x: torch.Tensor, prepared: DecodePrepared, bias: Optional[torch.Tensor],
                    m_tile: Optional[int] = None, k_splits: Optional[int] = None,
-                   out: Optional[torch.Tensor] = None) -> torch.Tensor:
+                   n_tile: int = 128, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """y = x @ W^T (+ bias) with the Hopper prefill kernel. x: [M, K] fp16/bf16 on the
-    weight's device; ``m_tile`` / ``k_splits`` override the cost model (both or neither);
-    ``out`` is an optional contiguous [M, N] result buffer of x's dtype (tests poison it)."""
+    weight's device; ``m_tile`` / ``k_splits`` (both or neither) and ``n_tile`` override
+    :func:`choose_tile`; ``out`` is an optional contiguous [M, N] result buffer of x's
+    dtype (tests poison it)."""
     ext = _ext.extension()
     if ext is None:
         raise RuntimeError(f"dqgemm CUDA extension {_ext.extension_error()}")
@@ -127,20 +160,23 @@ def prefill_matmul(x: torch.Tensor, prepared: DecodePrepared, bias: Optional[tor
         raise ValueError(f"m_tile, k_splits: expected both or neither, got m_tile={m_tile!r}, "
                          f"k_splits={k_splits!r}")
     if m_tile is None:
-        choice = choose_tile(m, n, k, _sm_count(device.index))
+        choice = choose_tile(m, n, k, _sm_count(device.index), prepared.bits)
     else:
         if m_tile not in M_TILES:
             raise ValueError(f"m_tile: expected one of {M_TILES}, got {m_tile!r}")
+        if n_tile not in N_TILES or (n_tile == 256 and m_tile == 256):
+            raise ValueError(f"n_tile: expected one of {N_TILES} (256 only with m_tile <= "
+                             f"128), got {n_tile!r} with m_tile={m_tile}")
         if not isinstance(k_splits, int) or not 1 <= k_splits <= k_pad // STAGE_K:
             raise ValueError(f"k_splits: expected an int in 1..{k_pad // STAGE_K}, got "
                              f"{k_splits!r}")
-        choice = TileChoice(m_tile, k_splits)
-    tiles = (n_pad // TILE_N) * math.ceil(m / choice.m_tile)
+        choice = TileChoice(m_tile, k_splits, n_tile)
+    tiles = math.ceil(n_pad / choice.n_tile) * math.ceil(m / choice.m_tile)
     stream = _ext.stream_handle(device)
     ws_ptr = counters_ptr = 0
     if choice.k_splits > 1:
         ws, counters = cuda_decode.workspace(
-            device, stream, tiles * choice.k_splits * choice.m_tile * TILE_N, tiles)
+            device, stream, tiles * choice.k_splits * choice.m_tile * choice.n_tile, tiles)
         ws_ptr, counters_ptr = ws.data_ptr(), counters.data_ptr()
     if out is None:
         y = torch.empty(m, n, dtype=x.dtype, device=device)
@@ -159,7 +195,7 @@ def prefill_matmul(x: torch.Tensor, prepared: DecodePrepared, bias: Optional[tor
         group_size_log2=cuda_decode.group_size_log2(k, prepared.group_size),
         bits=prepared.bits, dtype=_ext.dtype_code(x.dtype, "x"),
         zero_mode=_ext.ZERO_MODE_CODES[prepared.zero_mode], m_tile=choice.m_tile,
-        k_splits=choice.k_splits, stream=stream)
+        n_tile=choice.n_tile, k_splits=choice.k_splits, stream=stream)
     return y
 
 
