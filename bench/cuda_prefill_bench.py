@@ -56,6 +56,7 @@ def main(argv=None) -> int:
     ap.add_argument("--splits", default="1,2,3,4")
     ap.add_argument("--m-tiles", default=",".join(map(str, cp.M_TILES)))
     ap.add_argument("--n-tiles", default=",".join(map(str, cp.N_TILES)))
+    ap.add_argument("--ws", default="0,1", help="warp-specialized variants: 0, 1 or 0,1")
     ap.add_argument("--reps", type=int, default=timing.MIN_REPS)
     ap.add_argument("--no-dequant", action="store_true")
     ap.add_argument("--json", default=None)
@@ -75,6 +76,7 @@ def main(argv=None) -> int:
     splits_list = [int(v) for v in args.splits.split(",")]
     m_tiles = [int(v) for v in args.m_tiles.split(",")]
     n_tiles = [int(v) for v in args.n_tiles.split(",")]
+    ws_list = [bool(int(v)) for v in args.ws.split(",")]
     dequant = registry.get_kernel("cuda_dequant_gemm")
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows = []
@@ -104,40 +106,43 @@ def main(argv=None) -> int:
                     row["dequant_cublas_us"] = t.us
                     del preps
                 model = cp.choose_tile(m, n, k, sms, bits)
-                row["model_choice"] = [model.m_tile, model.k_splits, model.n_tile]
+                row["model_choice"] = model.key + f"/{model.k_splits}"
                 k_stages = cd.padded_sizes(n, k)[1] // cp.STAGE_K
                 for choice in cp.all_choices(max(splits_list)):
                     if (choice.k_splits not in splits_list or choice.m_tile not in m_tiles
-                            or choice.n_tile not in n_tiles or choice.k_splits > k_stages):
+                            or choice.n_tile not in n_tiles or choice.k_splits > k_stages
+                            or choice.warp_specialized not in ws_list):
                         continue
                     out = torch.full((m, n), float("nan"), dtype=torch.float16, device="cuda")
                     cp.prefill_matmul(x, weights[0][1], None, m_tile=choice.m_tile,
-                                      k_splits=choice.k_splits, n_tile=choice.n_tile, out=out)
+                                      k_splits=choice.k_splits, n_tile=choice.n_tile,
+                                      warp_specialized=choice.warp_specialized, out=out)
                     err = _rel_err(out, ref)
                     entry = {"m_tile": choice.m_tile, "n_tile": choice.n_tile,
-                             "k_splits": choice.k_splits, "rel_err": err}
+                             "k_splits": choice.k_splits,
+                             "warp_specialized": choice.warp_specialized,
+                             "config": choice.key + f"/{choice.k_splits}", "rel_err": err}
                     if not (err <= 4e-3 and torch.isfinite(out).all()):
                         entry["not_ok"] = f"relative error {err:.3e}"
                     else:
                         t = timing.time_calls(
                             [lambda p=p, c=choice:
                              cp.prefill_matmul(x, p, None, m_tile=c.m_tile, k_splits=c.k_splits,
-                                               n_tile=c.n_tile)
+                                               n_tile=c.n_tile,
+                                               warp_specialized=c.warp_specialized)
                              for _, p in weights], device, reps=args.reps)
                         entry["us"] = t.us
                     row["configs"].append(entry)
                 timed = [c for c in row["configs"] if "us" in c]
                 best = min(timed, key=lambda c: c["us"]) if timed else None
-                model_us = next((c.get("us") for c in timed if
-                                 [c["m_tile"], c["k_splits"], c["n_tile"]]
-                                 == row["model_choice"]), None)
+                model_us = next((c.get("us") for c in timed
+                                 if c["config"] == row["model_choice"]), None)
                 row["best"] = best
                 rows.append(row)
                 elapsed = time.time() - t_start
-                best_txt = (f"best {best['m_tile']}x{best['n_tile']}/{best['k_splits']} "
-                            f"{best['us']:.1f} us "
+                best_txt = (f"best {best['config']} {best['us']:.1f} us "
                             f"({row['fp16_us'] / best['us']:.2f}x FP16)") if best else "none ok"
-                model_txt = f"model {model.m_tile}x{model.n_tile}/{model.k_splits} " + (
+                model_txt = f"model {row['model_choice']} " + (
                     f"{model_us:.1f} us" if model_us else "-")
                 dq_txt = (f"dequant+cuBLAS {row['dequant_cublas_us']:.1f}"
                           if "dequant_cublas_us" in row else "")
@@ -168,8 +173,7 @@ def main(argv=None) -> int:
         if b:
             print(f"  INT{row['bits']} {row['k']:>5}x{row['n']:<5} M={row['m']:<5} "
                   f"{b['us']:8.1f} us {row['fp16_us'] / b['us']:5.2f}x  "
-                  f"(m_tile {b['m_tile']}, n_tile {b['n_tile']}, splits {b['k_splits']}; "
-                  f"FP16 {row['fp16_us']:.1f})")
+                  f"({b['config']}; FP16 {row['fp16_us']:.1f})")
     return 0
 
 

@@ -60,7 +60,7 @@ using decode::lds128;
 using decode::Pair;
 using decode::smem_addr;
 
-template <int BITS, int BM, int NT, int STAGES, int MIN_BLOCKS>
+template <int BITS, int BM, int NT, int STAGES, int MIN_BLOCKS, bool WS = false>
 struct Config {
   static constexpr int kBits = BITS;
   static constexpr int kBM = BM;                // tokens per block tile (wgmma n)
@@ -69,7 +69,13 @@ struct Config {
   static constexpr int kMinBlocks = MIN_BLOCKS; // blocks per SM the ring depth allows
   static constexpr int kBN = 128 * NT;          // channels per block
   static constexpr int kBK = 64;                // k per stage
-  static constexpr int kThreads = 256;          // two warpgroups
+  // WS (warp specialization): a third warpgroup only copies (cp.async into the ring,
+  // "full" / "empty" mbarriers per stage, setmaxnreg moves registers from it to the
+  // two computing warpgroups); without it the computing threads copy too and the
+  // stages are handed over by the block barrier.
+  static constexpr bool kWS = WS;
+  static constexpr int kComputeThreads = 256;   // two computing warpgroups
+  static constexpr int kThreads = WS ? 384 : 256;
   // NT = 1: warpgroup g computes channels 64g..64g+63 of the n_tile (one m64 half);
   // NT = 2: warpgroup g computes all 128 channels of n_tile 2t + g (two m64 halves), so
   //         each x tile in shared memory feeds twice the channels (half the x traffic
@@ -86,7 +92,7 @@ struct Config {
   static constexpr int kSmemBytes = STAGES * kStageBytes + 1024;  // + alignment slack
   static constexpr int kAccRegs = BM / 2;             // per half
   static_assert(kStageBytes % 1024 == 0, "stages must stay 1024-byte aligned (swizzle)");
-  static_assert(STAGES >= 3, "the ring keeps STAGES - 2 stages in flight");
+  static_assert(WS || STAGES >= 3, "the ring keeps STAGES - 2 stages in flight");
   static_assert(NT == 1 || NT == 2, "one or two n_tiles per block");
 };
 
@@ -96,6 +102,32 @@ struct Config {
 __device__ __forceinline__ uint64_t sw128_desc(uint32_t addr) {
   return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (uint64_t{1} << 16) |
          (uint64_t{1024 >> 4} << 32) | (uint64_t{1} << 62);
+}
+
+// Ordering of the cp.async writes of a stage (generic proxy) before wgmma reads it (async
+// proxy): required by the PTX memory model, executed after the data is known to be there.
+__device__ __forceinline__ void fence_proxy_async() {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+
+// Barrier of the two computing warpgroups only (the copying one may have left).
+__device__ __forceinline__ void compute_sync() {
+  asm volatile("bar.sync 1, 256;\n" ::: "memory");
+}
+
+template <int N>
+__device__ __forceinline__ void setmaxnreg_dec() {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
+#endif
+}
+template <int N>
+__device__ __forceinline__ void setmaxnreg_inc() {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
+#endif
 }
 
 template <typename T, typename Cfg>
@@ -145,8 +177,8 @@ prefill_gemm_kernel(const PrefillGemmParams p) {
     const uint32_t st = smem0 + slot * Cfg::kStageBytes;
     const int64_t k0 = static_cast<int64_t>(kb) * Cfg::kBK;
 #pragma unroll
-    for (int i = 0; i < kBM * 8 / Cfg::kThreads; ++i) {
-      const int c = i * Cfg::kThreads + tid;
+    for (int i = 0; i < kBM * 8 / Cfg::kComputeThreads; ++i) {
+      const int c = i * Cfg::kComputeThreads + tid;
       const int row = c >> 3;
       const int j = c & 7;
       const int64_t m = m0 + row;
@@ -171,7 +203,59 @@ prefill_gemm_kernel(const PrefillGemmParams p) {
     }
     const int64_t g0 = k0 >> gs_log2;  // per-channel (log2 = 30): 0
     const int pchunks = two_groups ? 32 : 16;
-    const int c = Cfg::kThreads - 1 - tid;  // the last warps: away from warp 0's x copies
+    const int c = Cfg::kComputeThreads - 1 - tid;  // the last warps: away from warp 0's x copies
+    if (c < kNT * pchunks) {
+      const int t = c / pchunks;
+      const int cc = c - t * pchunks;
+      const int64_t nt = n_t * kNT + t;
+      if (nt < n_tiles) {
+        const int64_t off = (nt * p.groups_padded + g0) * 256 + cc * 16;
+        const uint32_t dst = st + Cfg::kXBytes + Cfg::kWBytes + t * Cfg::kTilePBytes + cc * 16;
+        cp_async16_zfill(dst, sbase + off, 16);
+        if (mode != static_cast<int>(ZeroMode::kSymmetric)) {
+          cp_async16_zfill(dst + Cfg::kPBytes, zbase + off, 16);
+        }
+      }
+    }
+  };
+
+  // The copying warpgroup's version of load_stage (WS): 128 threads, per-thread address
+  // parts hoisted out of the loop (thread ptid always copies 16-byte chunk ptid % 8 of
+  // rows ptid / 8 + 16 i of the x tile, so its swizzled offset is one constant).
+  const int ptid = tid - Cfg::kComputeThreads;
+  const int xj = ptid & 7;
+  const int xr0 = ptid >> 3;
+  const uint32_t x_dst = xr0 * 128 + ((xj ^ (xr0 & 7)) << 4);
+  const T* x_src = x + (m0 + xr0) * k_real + xj * 8;
+  const int64_t x_step = 16 * k_real;
+  const int x_rows_ok = static_cast<int>(
+      max(int64_t{0}, min(int64_t{kBM / 16}, (m_rows - m0 - xr0 + 15) / 16)));
+  const uint8_t* __restrict__ w_src = static_cast<const uint8_t*>(p.weight) + ptid * 16;
+  auto produce_stage = [&](int kb, int slot) {
+    const uint32_t st = smem0 + slot * Cfg::kStageBytes;
+    const int64_t k0 = static_cast<int64_t>(kb) * Cfg::kBK;
+    const bool k_ok = k0 + xj * 8 < k_real;
+#pragma unroll
+    for (int i = 0; i < kBM / 16; ++i) {
+      const bool valid = k_ok && i < x_rows_ok;
+      cp_async16_zfill(st + x_dst + i * 2048, valid ? x_src + i * x_step + k0 : x,
+                       valid ? 16 : 0);
+    }
+#pragma unroll
+    for (int t = 0; t < kNT; ++t) {
+      const int64_t nt = n_t * kNT + t;
+      if (nt < n_tiles) {
+        const uint8_t* src = w_src + nt * tile_wbytes + static_cast<int64_t>(kb) * Cfg::kTileWBytes;
+#pragma unroll
+        for (int q = 0; q < Cfg::kTileWBytes / 2048; ++q) {
+          cp_async16_stream(st + Cfg::kXBytes + t * Cfg::kTileWBytes + q * 2048 + ptid * 16,
+                            src + q * 2048);
+        }
+      }
+    }
+    const int64_t g0 = k0 >> gs_log2;
+    const int pchunks = two_groups ? 32 : 16;
+    const int c = 127 - ptid;
     if (c < kNT * pchunks) {
       const int t = c / pchunks;
       const int cc = c - t * pchunks;
@@ -232,25 +316,10 @@ prefill_gemm_kernel(const PrefillGemmParams p) {
     for (int i = 0; i < kAcc; ++i) acc[h][i] = 0.f;
   uint32_t afrag[2][kHalves][4][4];
 
-#pragma unroll
-  for (int s = 0; s < kStages - 2; ++s) {
-    if (s < n_stages) load_stage(kb_begin + s, s);
-    cp_async_commit();
-  }
-
-  // One stage: wait for its copies, refill the slot of stage i - 2, dequantize, issue the
-  // four wgmma of the stage, and let the previous stage's wgmma finish.
-  int slot = 0;
-  auto step = [&](int i, auto buf) {
+  // The four (per m64 half) wgmma of the stage in `slot`, then wait until the previous
+  // stage's have finished (so its ring slot and A registers can be reused).
+  auto compute_stage = [&](int slot, auto buf) {
     constexpr int kBuf = decltype(buf)::value;
-    cp_async_wait<kStages - 3>();
-    __syncthreads();  // stage i visible; every warpgroup is done with stage i - 2
-    if (i + kStages - 2 < n_stages) {
-      int sl = slot + kStages - 2;
-      if (sl >= kStages) sl -= kStages;
-      load_stage(kb_begin + i + kStages - 2, sl);
-    }
-    cp_async_commit();
 #pragma unroll
     for (int h = 0; h < kHalves; ++h) dequant_stage(slot, h, afrag[kBuf][h]);
     const uint64_t desc = sw128_desc(smem0 + slot * Cfg::kStageBytes);
@@ -261,14 +330,79 @@ prefill_gemm_kernel(const PrefillGemmParams p) {
       for (int ks = 0; ks < 4; ++ks) Mma::rs(acc[h], afrag[kBuf][h][ks], desc + 2 * ks);
     wgmma::commit();
     wgmma::wait<1>();
-    slot = slot + 1 == kStages ? 0 : slot + 1;
   };
-  int i = 0;
-  for (; i + 1 < n_stages; i += 2) {
-    step(i, std::integral_constant<int, 0>{});
-    step(i + 1, std::integral_constant<int, 1>{});
+
+  if constexpr (Cfg::kWS) {
+    // full[s]: the 128 copying threads arrive (cp.async.mbarrier.arrive.noinc) once their
+    // copies of the stage have landed; empty[s]: the 256 computing threads arrive once
+    // the wgmma that read the stage have finished.
+    __shared__ __align__(8) uint64_t full_bar[kStages];
+    __shared__ __align__(8) uint64_t empty_bar[kStages];
+    if (tid == 0) {
+#pragma unroll
+      for (int s = 0; s < kStages; ++s) {
+        decode::mbar_init(smem_addr(&full_bar[s]), 128);
+        decode::mbar_init(smem_addr(&empty_bar[s]), Cfg::kComputeThreads);
+      }
+      decode::mbar_init_fence();
+    }
+    __syncthreads();
+    if (wg == 2) {  // the copying warpgroup
+      setmaxnreg_dec<40>();
+      int slot = 0;
+      for (int i = 0; i < n_stages; ++i) {
+        if (i >= kStages) decode::mbar_wait(smem_addr(&empty_bar[slot]), ((i / kStages) - 1) & 1);
+        produce_stage(kb_begin + i, slot);
+        decode::cp_async_mbar_arrive(smem_addr(&full_bar[slot]));
+        slot = slot + 1 == kStages ? 0 : slot + 1;
+      }
+      cp_async_wait<0>();
+      return;
+    }
+    setmaxnreg_inc<232>();
+    int slot = 0, prev = kStages - 1;
+    auto step = [&](int i, auto buf) {
+      decode::mbar_wait(smem_addr(&full_bar[slot]), (i / kStages) & 1);
+      fence_proxy_async();
+      compute_stage(slot, buf);
+      if (i >= 1) decode::mbar_arrive(smem_addr(&empty_bar[prev]));  // stage i - 1 is read
+      prev = slot;
+      slot = slot + 1 == kStages ? 0 : slot + 1;
+    };
+    int i = 0;
+    for (; i + 1 < n_stages; i += 2) {
+      step(i, std::integral_constant<int, 0>{});
+      step(i + 1, std::integral_constant<int, 1>{});
+    }
+    if (i < n_stages) step(i, std::integral_constant<int, 0>{});
+  } else {
+#pragma unroll
+    for (int s = 0; s < kStages - 2; ++s) {
+      if (s < n_stages) load_stage(kb_begin + s, s);
+      cp_async_commit();
+    }
+    // One stage: wait for its copies, refill the slot of stage i - 2, compute.
+    int slot = 0;
+    auto step = [&](int i, auto buf) {
+      cp_async_wait<kStages - 3>();
+      fence_proxy_async();
+      __syncthreads();  // stage i visible; every warpgroup is done with stage i - 2
+      if (i + kStages - 2 < n_stages) {
+        int sl = slot + kStages - 2;
+        if (sl >= kStages) sl -= kStages;
+        load_stage(kb_begin + i + kStages - 2, sl);
+      }
+      cp_async_commit();
+      compute_stage(slot, buf);
+      slot = slot + 1 == kStages ? 0 : slot + 1;
+    };
+    int i = 0;
+    for (; i + 1 < n_stages; i += 2) {
+      step(i, std::integral_constant<int, 0>{});
+      step(i + 1, std::integral_constant<int, 1>{});
+    }
+    if (i < n_stages) step(i, std::integral_constant<int, 0>{});
   }
-  if (i < n_stages) step(i, std::integral_constant<int, 0>{});
   wgmma::wait<0>();
 #pragma unroll
   for (int h = 0; h < kHalves; ++h) wgmma::fence_operands(acc[h]);
@@ -279,33 +413,33 @@ prefill_gemm_kernel(const PrefillGemmParams p) {
   if (splits > 1) {
     float* ws = p.workspace;
     constexpr int kRegs = kHalves * kAcc;
-    const int64_t slot_floats = static_cast<int64_t>(kRegs) * Cfg::kThreads;
+    const int64_t slot_floats = static_cast<int64_t>(kRegs) * Cfg::kComputeThreads;
     float* mine = ws + blockIdx.x * slot_floats + tid;
 #pragma unroll
     for (int h = 0; h < kHalves; ++h)
 #pragma unroll
-      for (int r = 0; r < kAcc; ++r) __stcg(mine + (h * kAcc + r) * Cfg::kThreads, acc[h][r]);
+      for (int r = 0; r < kAcc; ++r) __stcg(mine + (h * kAcc + r) * Cfg::kComputeThreads, acc[h][r]);
     __threadfence();
-    __syncthreads();
+    compute_sync();
     if (tid == 0) {
       const int arrived = atomicAdd(p.counters + tile, 1);
       s_last = arrived == splits - 1;
       if (s_last) p.counters[tile] = 0;  // all have counted: ready for the next launch
     }
-    __syncthreads();
+    compute_sync();
     if (!s_last) return;
     __threadfence();
     const float* first = ws + static_cast<int64_t>(tile) * splits * slot_floats + tid;
 #pragma unroll
     for (int h = 0; h < kHalves; ++h)
 #pragma unroll
-      for (int r = 0; r < kAcc; ++r) acc[h][r] = __ldcg(first + (h * kAcc + r) * Cfg::kThreads);
+      for (int r = 0; r < kAcc; ++r) acc[h][r] = __ldcg(first + (h * kAcc + r) * Cfg::kComputeThreads);
     for (int s = 1; s < splits; ++s) {
 #pragma unroll
       for (int h = 0; h < kHalves; ++h)
 #pragma unroll
         for (int r = 0; r < kAcc; ++r)
-          acc[h][r] += __ldcg(first + s * slot_floats + (h * kAcc + r) * Cfg::kThreads);
+          acc[h][r] += __ldcg(first + s * slot_floats + (h * kAcc + r) * Cfg::kComputeThreads);
     }
   }
 
@@ -362,6 +496,17 @@ cudaError_t launch_kernel(const PrefillGemmParams& p, int grid) {
 template <typename T, int BITS>
 cudaError_t launch_tile(const PrefillGemmParams& p, int grid) {
   using prefill::Config;
+  if (p.warp_specialized) {  // a copying warpgroup: deeper rings (no stage is held back)
+    if (p.n_tile == 256) {
+      if (p.m_tile == 128) return launch_kernel<T, Config<BITS, 128, 2, BITS == 4 ? 8 : 6, 1, true>>(p, grid);
+      return cudaErrorInvalidValue;
+    }
+    switch (p.m_tile) {
+      case 128: return launch_kernel<T, Config<BITS, 128, 1, 8, 1, true>>(p, grid);
+      case 256: return launch_kernel<T, Config<BITS, 256, 1, BITS == 4 ? 6 : 5, 1, true>>(p, grid);
+      default: return cudaErrorInvalidValue;
+    }
+  }
   if (p.n_tile == 256) {  // two n_tiles per block: BM accumulators per thread
     switch (p.m_tile) {
       case 64: return launch_kernel<T, Config<BITS, 64, 2, BITS == 4 ? 6 : 4, 2>>(p, grid);
@@ -403,6 +548,7 @@ cudaError_t launch_prefill_gemm(const PrefillGemmParams& p) {
       p.n_pad % 128 != 0 || p.k_pad < p.k || p.n_pad < p.n ||
       (p.m_tile != 64 && p.m_tile != 128 && p.m_tile != 256) ||
       (p.n_tile != 128 && p.n_tile != 256) || (p.n_tile == 256 && p.m_tile == 256) ||
+      (p.warp_specialized && p.m_tile == 64) ||
       p.k_splits < 1 ||
       p.k_splits > k_stages || (reinterpret_cast<uintptr_t>(p.x) & 15u) != 0 ||
       p.weight == nullptr || p.scales == nullptr || p.y == nullptr ||

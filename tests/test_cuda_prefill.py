@@ -152,7 +152,7 @@ def _make(n, k, bits, group_size, mode="symmetric", seed=0, act_order=False):
 
 
 def _check(qw, m, dtype, bias=False, seed=1, repeats=1, x=None, m_tile=None, k_splits=None,
-           n_tile=128, prep=None):
+           n_tile=128, ws=False, prep=None):
     gen = torch.Generator().manual_seed(seed)
     if x is None:
         x = torch.randn(m, qw.in_features, generator=gen).to(dtype).cuda()
@@ -161,7 +161,8 @@ def _check(qw, m, dtype, bias=False, seed=1, repeats=1, x=None, m_tile=None, k_s
     outs = []
     for _ in range(repeats):
         out = torch.full((m, qw.out_features), float("nan"), dtype=dtype, device="cuda")
-        cp.prefill_matmul(x, prep, b, m_tile=m_tile, k_splits=k_splits, n_tile=n_tile, out=out)
+        cp.prefill_matmul(x, prep, b, m_tile=m_tile, k_splits=k_splits, n_tile=n_tile,
+                          warp_specialized=ws, out=out)
         outs.append(out)
     ref = x.double() @ qw.dequantize(torch.float64).t()
     if b is not None:
@@ -204,17 +205,19 @@ def test_groups_modes_dtypes(bits, group_size, mode, dtype):
 
 
 @gpu
-@pytest.mark.parametrize("m_tile,n_tile", [(64, 128), (128, 128), (256, 128), (64, 256),
-                                           (128, 256)])
+@pytest.mark.parametrize("m_tile,n_tile,ws", [(64, 128, False), (128, 128, False),
+                                              (256, 128, False), (64, 256, False),
+                                              (128, 256, False), (128, 128, True),
+                                              (256, 128, True), (128, 256, True)])
 @pytest.mark.parametrize("k_splits", [1, 2, 3, 7])
 @pytest.mark.parametrize("bits,dtype", [(4, torch.float16), (8, torch.bfloat16),
                                         (4, torch.bfloat16), (8, torch.float16)])
-def test_every_tile_and_split(m_tile, n_tile, k_splits, bits, dtype):
+def test_every_tile_and_split(m_tile, n_tile, ws, k_splits, bits, dtype):
     # N = 384: three n_tiles, so 256-channel blocks end on a half-empty block
     qw = _make(384, 2304, bits, 128, "zero_points", seed=m_tile + k_splits)
     prep = cd.prepare_decode(qw)
     for m in (1, m_tile - 1, m_tile + 3, 2 * m_tile + 1):
-        _check(qw, m, dtype, seed=m, m_tile=m_tile, k_splits=k_splits, n_tile=n_tile,
+        _check(qw, m, dtype, seed=m, m_tile=m_tile, k_splits=k_splits, n_tile=n_tile, ws=ws,
                repeats=2, prep=prep, bias=m == 1)
 
 
@@ -227,7 +230,10 @@ def test_wide_tiles_groups_modes(bits, group_size, mode):
     prep = cd.prepare_decode(qw)
     for dtype in (torch.float16, torch.bfloat16):
         for m in (3, 200):
-            _check(qw, m, dtype, seed=m, m_tile=128, k_splits=2, n_tile=256, prep=prep)
+            for ws in (False, True):
+                _check(qw, m, dtype, seed=m, m_tile=128, k_splits=2, n_tile=256, ws=ws,
+                       prep=prep)
+            _check(qw, m, dtype, seed=m, m_tile=256, k_splits=1, ws=True, prep=prep)
 
 
 @gpu
@@ -263,7 +269,9 @@ def test_bitwise_deterministic_with_splits():
     qw = _make(576, 13824, 4, 128, seed=7)
     prep = cd.prepare_decode(qw)
     for k_splits in (1, 4):
-        _check(qw, 300, torch.float16, repeats=4, m_tile=128, k_splits=k_splits, prep=prep)
+        for ws in (False, True):
+            _check(qw, 300, torch.float16, repeats=4, m_tile=128, k_splits=k_splits, ws=ws,
+                   prep=prep)
 
 
 @gpu
@@ -304,6 +312,8 @@ def test_tile_override_checked():
         cp.prefill_matmul(x, prep, None, m_tile=64)
     with pytest.raises(ValueError, match="n_tile"):
         cp.prefill_matmul(x, prep, None, m_tile=256, k_splits=1, n_tile=256)
+    with pytest.raises(ValueError, match="warp_specialized"):
+        cp.prefill_matmul(x, prep, None, m_tile=64, k_splits=1, warp_specialized=True)
 
 
 @gpu

@@ -55,17 +55,30 @@ class TileChoice:
     m_tile: int
     k_splits: int
     n_tile: int = 128
+    warp_specialized: bool = False   # a copying warpgroup (m_tile 128 / 256 only)
 
     def valid(self) -> bool:
         return (self.m_tile in M_TILES and self.n_tile in N_TILES and self.k_splits >= 1
-                and not (self.n_tile == 256 and self.m_tile == 256))
+                and not (self.n_tile == 256 and self.m_tile == 256)
+                and not (self.warp_specialized and self.m_tile == 64))
+
+    @property
+    def key(self) -> str:
+        """Readable name, e.g. '128x256ws' (m_tile x n_tile, ws = warp-specialized)."""
+        return f"{self.m_tile}x{self.n_tile}{'ws' if self.warp_specialized else ''}"
 
 
 def all_choices(max_splits: int):
     """Every launch configuration with at most ``max_splits`` k splits."""
-    return [TileChoice(m_tile, splits, n_tile) for n_tile in N_TILES for m_tile in M_TILES
-            for splits in range(1, max_splits + 1)
-            if TileChoice(m_tile, splits, n_tile).valid()]
+    out = []
+    for ws in (False, True):
+        for n_tile in N_TILES:
+            for m_tile in M_TILES:
+                for splits in range(1, max_splits + 1):
+                    choice = TileChoice(m_tile, splits, n_tile, ws)
+                    if choice.valid():
+                        out.append(choice)
+    return out
 
 
 @functools.lru_cache(maxsize=None)
@@ -81,17 +94,17 @@ def _sm_count(device_index: int) -> int:
 
 def estimate_cost(m: int, n: int, k: int, choice: TileChoice, sms: int) -> float:
     """Relative time of ``choice`` (configs/cuda_prefill.json, "cost_model"): whole waves of
-    blocks, each taking (stage overhead + m_tile) x n_tile / 128 per 64-k stage; blocks
-    sharing an SM share its tensor cores, so a wave of b blocks per SM takes b times one
-    block."""
+    blocks, each taking (stage overhead + m_tile) x n_tile / 128 per 64-k stage times the
+    configuration's measured relative cost; blocks sharing an SM share its tensor cores,
+    so a wave of b blocks per SM takes b times one block."""
     model = _config()["cost_model"]
-    per_sm = int(model["blocks_per_sm"][f"{choice.m_tile}x{choice.n_tile}"])
+    per_sm = int(model["blocks_per_sm"][choice.key])
     n_pad, k_pad = padded_sizes(n, k)
     blocks = math.ceil(n_pad / choice.n_tile) * math.ceil(m / choice.m_tile) * choice.k_splits
     waves = math.ceil(blocks / (sms * per_sm))
     stages = math.ceil(k_pad / STAGE_K / choice.k_splits)
     per_block = (stages * (float(model["stage_overhead_tokens"]) + choice.m_tile)
-                 * choice.n_tile / TILE_N)
+                 * choice.n_tile / TILE_N * float(model["relative_cost"][choice.key]))
     split_penalty = 1.0 + float(model["split_penalty"]) * (choice.k_splits - 1)
     return waves * per_sm * per_block * split_penalty
 
@@ -106,7 +119,8 @@ def measured_choice(m: int, n: int, k: int, bits: int) -> Optional[TileChoice]:
         distance = abs(math.log2(m) - math.log2(entry["m"]))
         if best is None or distance < best[0]:
             best = (distance, TileChoice(int(entry["m_tile"]), int(entry["k_splits"]),
-                                         int(entry["n_tile"])))
+                                         int(entry["n_tile"]),
+                                         bool(entry.get("warp_specialized", False))))
     return None if best is None else best[1]
 
 
@@ -127,10 +141,11 @@ def choose_tile(m: int, n: int, k: int, sms: int, bits: int = 4) -> TileChoice:
 
 def prefill_matmul(x: torch.Tensor, prepared: DecodePrepared, bias: Optional[torch.Tensor],
                    m_tile: Optional[int] = None, k_splits: Optional[int] = None,
-                   n_tile: int = 128, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+                   n_tile: int = 128, warp_specialized: bool = False,
+                   out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """y = x @ W^T (+ bias) with the Hopper prefill kernel. x: [M, K] fp16/bf16 on the
-    weight's device; ``m_tile`` / ``k_splits`` (both or neither) and ``n_tile`` override
-    :func:`choose_tile`; ``out`` is an optional contiguous [M, N] result buffer of x's
+    weight's device; ``m_tile`` / ``k_splits`` (both or neither), ``n_tile`` and
+    ``warp_specialized`` override :func:`choose_tile`; ``out`` is an optional contiguous [M, N] result buffer of x's
     dtype (tests poison it)."""
     ext = _ext.extension()
     if ext is None:
@@ -170,7 +185,10 @@ def prefill_matmul(x: torch.Tensor, prepared: DecodePrepared, bias: Optional[tor
         if not isinstance(k_splits, int) or not 1 <= k_splits <= k_pad // STAGE_K:
             raise ValueError(f"k_splits: expected an int in 1..{k_pad // STAGE_K}, got "
                              f"{k_splits!r}")
-        choice = TileChoice(m_tile, k_splits, n_tile)
+        choice = TileChoice(m_tile, k_splits, n_tile, bool(warp_specialized))
+        if not choice.valid():
+            raise ValueError(f"warp_specialized: expected m_tile 128 or 256 with it, got "
+                             f"m_tile={m_tile}")
     tiles = math.ceil(n_pad / choice.n_tile) * math.ceil(m / choice.m_tile)
     stream = _ext.stream_handle(device)
     ws_ptr = counters_ptr = 0
@@ -195,7 +213,8 @@ def prefill_matmul(x: torch.Tensor, prepared: DecodePrepared, bias: Optional[tor
         group_size_log2=cuda_decode.group_size_log2(k, prepared.group_size),
         bits=prepared.bits, dtype=_ext.dtype_code(x.dtype, "x"),
         zero_mode=_ext.ZERO_MODE_CODES[prepared.zero_mode], m_tile=choice.m_tile,
-        n_tile=choice.n_tile, k_splits=choice.k_splits, stream=stream)
+        n_tile=choice.n_tile, k_splits=choice.k_splits,
+        warp_specialized=choice.warp_specialized, stream=stream)
     return y
 
 
