@@ -7,9 +7,9 @@
 // packs them), so one prepared copy of a weight serves both kernels.
 //
 // Why it is shaped like this: from M ~ 256 up the product is bound by tensor-core
-// throughput, and mma.sync reaches only part of Hopper's; wgmma.mma_async does. Every
-// public INT4 kernel that dequantizes into shared memory for an SS wgmma (or runs mma.sync)
-// loses to FP16 there. Here the weight is the A operand and comes from REGISTERS ("RS"
+// throughput, and mma.sync reaches only part of Hopper's; wgmma.mma_async does. The public
+// INT4 kernels measured in ../shared/notes/anchors.md lose to FP16 there by 1.5-3x. Here
+// the weight is the A operand and comes from REGISTERS ("RS"
 // wgmma): the decode layout already gives each lane 16 bytes that are its mma.m16n8k16
 // A fragments of 4 (4-bit) or 2 (8-bit) k16 steps, and wgmma's register A operand has that
 // same per-warp fragment layout (warp w of a warpgroup owns rows 16w..16w+15). So a lane
@@ -17,29 +17,42 @@
 // the registers wgmma reads; the weight never passes through shared memory as fp16.
 //
 // Orientation ("swap AB", as in the decode kernel): D[channels x tokens] = W x^T. A block
-// owns 128 output channels (one n_tile of the layout) and BM tokens (64, 128 or 256):
-// two warpgroups of 64 channels each, each issuing m64nBMk16 wgmma into BM/2 fp32
-// accumulators per thread. x is the B operand: K-major (k contiguous per token), a stage
-// holds BM rows of 64 k = 128 bytes each, stored with the 128-byte swizzle (16-byte chunk c
-// of row r at chunk c ^ (r % 8), rows at 128-byte pitch, 1024-byte aligned tiles): the
-// layout the descriptor's SWIZZLE_128B mode reads, and conflict-free for the cp.async
-// writes. A k16 step is the descriptor's start address + 32 bytes.
+// owns BM tokens (64, 128 or 256) and 128 x NT output channels (NT = 1 or 2 n_tiles of the
+// layout), computed by two warpgroups issuing m64nBMk16 wgmma into BM/2 fp32 accumulators
+// per thread and m64 row block: with NT = 1 warpgroup g takes channels 64g..64g+63, with
+// NT = 2 it takes n_tile 2t + g whole (two m64 row blocks; the shared x tile then feeds
+// twice the channels). x is the B operand: K-major (k contiguous per token); a stage holds
+// BM rows of 64 k = 128 bytes each, with the 128-byte swizzle (16-byte chunk c of row r at
+// chunk c ^ (r % 8), rows at 128-byte pitch, 1024-byte aligned tiles): the layout the
+// descriptor's SWIZZLE_128B mode reads, and conflict-free for the cp.async writes. A k16
+// step is the descriptor's start address + 32 bytes. The cp.async writes (generic proxy)
+// are ordered before wgmma's reads (async proxy) by fence.proxy.async.
 //
-// Pipeline: STAGES-deep cp.async ring of (x tile, 4 or 8 KB of weights, group parameters)
-// per 64 k. wgmma runs asynchronously: a warpgroup issues stage i's four wgmma, then waits
-// until stage i - 1's have finished (wait_group 1), so the dequantization of stage i + 1
-// overlaps stage i's tensor-core work. Because stage i - 1 may still be read by wgmma when
-// a thread passes the block barrier of stage i + 1, the ring refills the slot of stage
-// i - 2 (STAGES - 2 stages in flight), and the A registers alternate between two sets.
+// Pipeline: a STAGES-deep cp.async ring of (x tile, 4 or 8 KB of weights per n_tile, group
+// parameters) per 64 k. wgmma runs asynchronously: a warpgroup issues stage i's wgmma, then
+// waits until stage i - 1's have finished (wait_group 1), so the dequantization of stage
+// i + 1 overlaps stage i's tensor-core work; the A registers alternate between two sets.
+// Two ways to feed the ring (Config::kWS):
+//   - 256 threads that copy and compute: the block barrier of stage i + 1 may be passed
+//     while stage i - 1 is still read by wgmma, so the ring refills the slot of stage i - 2
+//     (STAGES - 2 stages in flight);
+//   - warp-specialized (384 threads): a third warpgroup only copies, with per-thread address
+//     parts hoisted out of its loop; per stage a "full" mbarrier (its 128 threads arrive
+//     through cp.async.mbarrier.arrive.noinc) and an "empty" one (the 256 computing threads
+//     arrive once the wgmma that read the stage are done); setmaxnreg gives the copying
+//     warpgroup 40 registers and the computing ones 232. Measured: 1.15-1.3x faster at
+//     M >= 256 on the H200 (bench/results/NOTES.md, "Prefill").
 //
-// Work partition: one block per (n_tile, m_tile, k split); the m tiles of an n_tile are
-// neighbours in launch order (they share the weight through L2). With k_splits > 1 every
-// block writes fp32 partial sums to its workspace slot and the last of a tile's blocks to
-// arrive (an atomic counter, reset by it) sums all slots in split order: bitwise
-// reproducible, no memset, CUDA-graph safe.
+// Work partition: one block per (block column of NT n_tiles, m_tile, k split); the m tiles of
+// a column are neighbours in launch order (they share the weight through L2). With
+// k_splits > 1 every block writes fp32 partial sums to its workspace slot and the last of a
+// tile's blocks to arrive (an atomic counter, reset by it) sums all slots in split order:
+// bitwise reproducible, no memset, CUDA-graph safe.
 //
 // Constraints (checked by the launcher): sm_90a build, K % 8 == 0, x 16-byte aligned,
-// m_tile in {64, 128, 256}, padded sizes multiples of 128, 1 <= k_splits <= K_pad / 64.
+// m_tile in {64, 128, 256}, n_tile 128 or 256 (256 only with m_tile <= 128: registers),
+// warp specialization with m_tile 128 / 256 only, padded sizes multiples of 128,
+// 1 <= k_splits <= K_pad / 64.
 // Test: pytest tests/test_cuda_prefill.py. Benchmark: python -m dqgemm bench (kernel
 // "cuda_prefill"), bench/cuda_prefill_bench.py for the tile / split sweep.
 
