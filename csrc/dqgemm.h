@@ -114,7 +114,7 @@ struct PrefillGemmParams {
   int m_tile = 128;               // tokens per block tile: 64, 128 or 256
   int n_tile = 128;               // channels per block tile: 128, or 256 (m_tile <= 128)
   int k_splits = 1;               // blocks per output tile along K (deterministic sum)
-  bool warp_specialized = false;  // a copying warpgroup (m_tile 128 / 256 only)
+  bool warp_specialized = false;  // a copying warpgroup
   cudaStream_t stream = nullptr;
 };
 

@@ -51,7 +51,7 @@
 //
 // Constraints (checked by the launcher): sm_90a build, K % 8 == 0, x 16-byte aligned,
 // m_tile in {64, 128, 256}, n_tile 128 or 256 (256 only with m_tile <= 128: registers),
-// warp specialization with m_tile 128 / 256 only, padded sizes multiples of 128,
+// padded sizes multiples of 128,
 // 1 <= k_splits <= K_pad / 64.
 // Test: pytest tests/test_cuda_prefill.py. Benchmark: python -m dqgemm bench (kernel
 // "cuda_prefill"), bench/cuda_prefill_bench.py for the tile / split sweep.
@@ -458,9 +458,17 @@ prefill_gemm_kernel(const PrefillGemmParams p) {
 
   // Epilogue: in m64 half h, element (row 16 (warp & 3) + lane / 4 + 8 (e >> 1), token
   // 8 j + 2 (lane % 4) + (e & 1)) of the warpgroup's rows x tokens is acc[h][4 j + e].
+  // A thread's two tokens are N elements apart in y, so when N % 8 == 0 the tile goes
+  // through shared memory first (the ring is free now) and leaves as 16-byte row chunks.
   const T* bias = static_cast<const T*>(p.bias);
   T* y = static_cast<T*>(p.y);
   const int64_t n_out = p.n;
+  const int64_t n_block = n_t * Cfg::kBN;  // the block's first channel
+  const bool staged = (n_out & 7) == 0 && (reinterpret_cast<uintptr_t>(y) & 15u) == 0;
+  constexpr int kPitch = Cfg::kBN + 8;     // elements per staged token row (+16 bytes: banks)
+  static_assert(kBM * kPitch * 2 <= kStages * Cfg::kStageBytes, "staged tile must fit the ring");
+  T* tile_s = reinterpret_cast<T*>(smem_raw + (smem0 - smem_addr(smem_raw)));
+  if (staged) compute_sync();  // every warp is done reading the ring
 #pragma unroll
   for (int h = 0; h < kHalves; ++h) {
     const int64_t n_row = kNT == 2
@@ -473,15 +481,35 @@ prefill_gemm_kernel(const PrefillGemmParams p) {
         if (n_row + 8 * r < n_out) b[r] = P::to_float(bias[n_row + 8 * r]);
       }
     }
+    const int c_loc = static_cast<int>(n_row - n_block);
 #pragma unroll
     for (int j = 0; j < kBM / 8; ++j) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int64_t m = m0 + 8 * j + 2 * (lane & 3) + (e & 1);
-        const int64_t n = n_row + 8 * (e >> 1);
-        if (m < m_rows && n < n_out) {
-          y[m * n_out + n] = P::from_float(acc[h][4 * j + e] + b[e >> 1]);
+        const int t_loc = 8 * j + 2 * (lane & 3) + (e & 1);
+        const T v = P::from_float(acc[h][4 * j + e] + b[e >> 1]);
+        if (staged) {
+          tile_s[t_loc * kPitch + c_loc + 8 * (e >> 1)] = v;
+        } else {
+          const int64_t m = m0 + t_loc;
+          const int64_t n = n_row + 8 * (e >> 1);
+          if (m < m_rows && n < n_out) y[m * n_out + n] = v;
         }
+      }
+    }
+  }
+  if (staged) {
+    compute_sync();
+    constexpr int kRowChunks = Cfg::kBN / 8;
+#pragma unroll 4
+    for (int c = tid; c < kBM * kRowChunks; c += Cfg::kComputeThreads) {
+      const int row = c / kRowChunks;
+      const int cc = c - row * kRowChunks;
+      const int64_t m = m0 + row;
+      const int64_t n = n_block + cc * 8;
+      if (m < m_rows && n < n_out) {
+        *reinterpret_cast<uint4*>(y + m * n_out + n) =
+            *reinterpret_cast<const uint4*>(tile_s + row * kPitch + cc * 8);
       }
     }
   }
@@ -511,10 +539,14 @@ cudaError_t launch_tile(const PrefillGemmParams& p, int grid) {
   using prefill::Config;
   if (p.warp_specialized) {  // a copying warpgroup: deeper rings (no stage is held back)
     if (p.n_tile == 256) {
-      if (p.m_tile == 128) return launch_kernel<T, Config<BITS, 128, 2, BITS == 4 ? 8 : 6, 1, true>>(p, grid);
-      return cudaErrorInvalidValue;
+      switch (p.m_tile) {
+        case 64: return launch_kernel<T, Config<BITS, 64, 2, BITS == 4 ? 12 : 8, 1, true>>(p, grid);
+        case 128: return launch_kernel<T, Config<BITS, 128, 2, BITS == 4 ? 8 : 6, 1, true>>(p, grid);
+        default: return cudaErrorInvalidValue;
+      }
     }
     switch (p.m_tile) {
+      case 64: return launch_kernel<T, Config<BITS, 64, 1, 16, 1, true>>(p, grid);
       case 128: return launch_kernel<T, Config<BITS, 128, 1, 8, 1, true>>(p, grid);
       case 256: return launch_kernel<T, Config<BITS, 256, 1, BITS == 4 ? 6 : 5, 1, true>>(p, grid);
       default: return cudaErrorInvalidValue;
@@ -561,7 +593,6 @@ cudaError_t launch_prefill_gemm(const PrefillGemmParams& p) {
       p.n_pad % 128 != 0 || p.k_pad < p.k || p.n_pad < p.n ||
       (p.m_tile != 64 && p.m_tile != 128 && p.m_tile != 256) ||
       (p.n_tile != 128 && p.n_tile != 256) || (p.n_tile == 256 && p.m_tile == 256) ||
-      (p.warp_specialized && p.m_tile == 64) ||
       p.k_splits < 1 ||
       p.k_splits > k_stages || (reinterpret_cast<uintptr_t>(p.x) & 15u) != 0 ||
       p.weight == nullptr || p.scales == nullptr || p.y == nullptr ||

@@ -207,13 +207,15 @@ def test_groups_modes_dtypes(bits, group_size, mode, dtype):
 @gpu
 @pytest.mark.parametrize("m_tile,n_tile,ws", [(64, 128, False), (128, 128, False),
                                               (256, 128, False), (64, 256, False),
-                                              (128, 256, False), (128, 128, True),
+                                              (128, 256, False), (64, 128, True),
+                                              (64, 256, True), (128, 128, True),
                                               (256, 128, True), (128, 256, True)])
 @pytest.mark.parametrize("k_splits", [1, 2, 3, 7])
 @pytest.mark.parametrize("bits,dtype", [(4, torch.float16), (8, torch.bfloat16),
                                         (4, torch.bfloat16), (8, torch.float16)])
 def test_every_tile_and_split(m_tile, n_tile, ws, k_splits, bits, dtype):
-    # N = 384: three n_tiles, so 256-channel blocks end on a half-empty block
+    # N = 384: three n_tiles, so 256-channel blocks end on a half-empty block (N % 8 == 0:
+    # the epilogue staged through shared memory; test_direct_epilogue covers N % 8 != 0)
     qw = _make(384, 2304, bits, 128, "zero_points", seed=m_tile + k_splits)
     prep = cd.prepare_decode(qw)
     for m in (1, m_tile - 1, m_tile + 3, 2 * m_tile + 1):
@@ -255,6 +257,28 @@ def test_act_order_and_fractional_zero(bits):
     _check(_make(576, 1536, bits, 64, "zero_points", act_order=True, seed=5), 257,
            torch.bfloat16)
     _check(_make(576, 1536, bits, 32, "fractional_zero", seed=6), 130, torch.float16)
+
+
+@gpu
+@pytest.mark.parametrize("m_tile,n_tile,ws", [(128, 256, True), (256, 128, False),
+                                              (64, 128, True)])
+def test_direct_epilogue(m_tile, n_tile, ws):
+    """N % 8 != 0 (and an output view starting off a 16-byte boundary): the element-wise
+    epilogue instead of the staged one."""
+    qw = _make(203, 1536, 4, 128, "zero_points", seed=13)
+    prep = cd.prepare_decode(qw)
+    _check(qw, 150, torch.float16, m_tile=m_tile, k_splits=2, n_tile=n_tile, ws=ws, prep=prep,
+           bias=True)
+    qw = _make(264, 1536, 8, -1, seed=14)
+    prep = cd.prepare_decode(qw)
+    x = torch.randn(150, 1536, device="cuda", dtype=torch.bfloat16)
+    buf = torch.full((150 * 264 + 4,), float("nan"), device="cuda", dtype=torch.bfloat16)
+    out = buf[4:].view(150, 264)  # 8 bytes past an aligned start
+    cp.prefill_matmul(x, prep, None, m_tile=m_tile, k_splits=1, n_tile=n_tile,
+                      warp_specialized=ws, out=out)
+    ref = x.double() @ qw.dequantize(torch.float64).t()
+    err = ((out.double() - ref).norm() / ref.norm()).item()
+    assert err <= TOL[torch.bfloat16] and torch.isnan(buf[:4]).all()
 
 
 @gpu
@@ -312,8 +336,6 @@ def test_tile_override_checked():
         cp.prefill_matmul(x, prep, None, m_tile=64)
     with pytest.raises(ValueError, match="n_tile"):
         cp.prefill_matmul(x, prep, None, m_tile=256, k_splits=1, n_tile=256)
-    with pytest.raises(ValueError, match="warp_specialized"):
-        cp.prefill_matmul(x, prep, None, m_tile=64, k_splits=1, warp_specialized=True)
 
 
 @gpu

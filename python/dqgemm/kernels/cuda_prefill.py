@@ -55,12 +55,11 @@ class TileChoice:
     m_tile: int
     k_splits: int
     n_tile: int = 128
-    warp_specialized: bool = False   # a copying warpgroup (m_tile 128 / 256 only)
+    warp_specialized: bool = False   # a copying warpgroup
 
     def valid(self) -> bool:
         return (self.m_tile in M_TILES and self.n_tile in N_TILES and self.k_splits >= 1
-                and not (self.n_tile == 256 and self.m_tile == 256)
-                and not (self.warp_specialized and self.m_tile == 64))
+                and not (self.n_tile == 256 and self.m_tile == 256))
 
     @property
     def key(self) -> str:
@@ -186,9 +185,6 @@ def prefill_matmul(x: torch.Tensor, prepared: DecodePrepared, bias: Optional[tor
             raise ValueError(f"k_splits: expected an int in 1..{k_pad // STAGE_K}, got "
                              f"{k_splits!r}")
         choice = TileChoice(m_tile, k_splits, n_tile, bool(warp_specialized))
-        if not choice.valid():
-            raise ValueError(f"warp_specialized: expected m_tile 128 or 256 with it, got "
-                             f"m_tile={m_tile}")
     tiles = math.ceil(n_pad / choice.n_tile) * math.ceil(m / choice.m_tile)
     stream = _ext.stream_handle(device)
     ws_ptr = counters_ptr = 0
