@@ -105,6 +105,7 @@ struct Config {
   static constexpr int kSmemBytes = STAGES * kStageBytes + 1024;  // + alignment slack
   static constexpr int kAccRegs = BM / 2;             // per half
   static_assert(kStageBytes % 1024 == 0, "stages must stay 1024-byte aligned (swizzle)");
+  static_assert(kSmemBytes * MIN_BLOCKS <= 227 * 1024, "ring too deep for the SM's shared memory");
   static_assert(WS || STAGES >= 3, "the ring keeps STAGES - 2 stages in flight");
   static_assert(NT == 1 || NT == 2, "one or two n_tiles per block");
 };
@@ -546,7 +547,7 @@ cudaError_t launch_tile(const PrefillGemmParams& p, int grid) {
       }
     }
     switch (p.m_tile) {
-      case 64: return launch_kernel<T, Config<BITS, 64, 1, 16, 1, true>>(p, grid);
+      case 64: return launch_kernel<T, Config<BITS, 64, 1, BITS == 4 ? 16 : 12, 1, true>>(p, grid);
       case 128: return launch_kernel<T, Config<BITS, 128, 1, 8, 1, true>>(p, grid);
       case 256: return launch_kernel<T, Config<BITS, 256, 1, BITS == 4 ? 6 : 5, 1, true>>(p, grid);
       default: return cudaErrorInvalidValue;
