@@ -39,3 +39,27 @@ def random_weight(n: int, k: int, dtype=torch.float32, seed: int = 0, device="cp
 def random_activation(shape, dtype, seed: int = 1, device="cpu"):
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(*shape, generator=gen).to(dtype=dtype, device=device)
+
+
+def make_quantized(n: int, k: int, bits: int, group_size: int, mode: str = "symmetric",
+                   seed: int = 0, act_order: bool = False, device="cuda"):
+    """A quantized random weight in one of the canonical modes: "symmetric", "zero_points",
+    "offsets" (float offsets instead of zero points) or "fractional_zero" (zero points
+    that are not integers); with ``act_order``, a random g_idx permutation."""
+    import dqgemm
+
+    gen = torch.Generator().manual_seed(seed)
+    w = (torch.randn(n, k, generator=gen) * 0.02).to(device)
+    qw = dqgemm.quantize(w, bits, group_size,
+                         symmetric=mode not in ("zero_points", "fractional_zero"))
+    if mode == "offsets":
+        qw = qw.replace(offsets=(torch.randn(n, qw.num_groups, generator=gen) * 0.01)
+                        .half().to(device))
+    if mode == "fractional_zero":
+        qw = qw.replace(zero_points=qw.zero_points.float() + 0.375)
+    if act_order:
+        perm = torch.randperm(k, generator=gen)
+        gs = k if group_size == -1 else group_size
+        g_idx = (torch.arange(k) // gs)[perm].to(torch.int32)
+        qw = qw.replace(g_idx=g_idx.to(device))
+    return qw

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import dqgemm
+from _util import make_quantized
 from dqgemm import ops, registry
 from dqgemm.kernels import cuda_decode as cd
 from dqgemm.kernels import cuda_prefill as cp
@@ -134,21 +135,7 @@ gpu = pytest.mark.skipif(_gpu_reason() is not None, reason=f"needs a Hopper GPU:
 
 
 def _make(n, k, bits, group_size, mode="symmetric", seed=0, act_order=False):
-    gen = torch.Generator().manual_seed(seed)
-    w = (torch.randn(n, k, generator=gen) * 0.02).cuda()
-    qw = dqgemm.quantize(w, bits, group_size,
-                         symmetric=mode not in ("zero_points", "fractional_zero"))
-    if mode == "offsets":
-        qw = qw.replace(offsets=(torch.randn(n, qw.num_groups, generator=gen) * 0.01)
-                        .half().cuda())
-    if mode == "fractional_zero":
-        qw = qw.replace(zero_points=qw.zero_points.float() + 0.375)
-    if act_order:
-        perm = torch.randperm(k, generator=gen)
-        gs = k if group_size == -1 else group_size
-        g_idx = (torch.arange(k) // gs)[perm].to(torch.int32)
-        qw = qw.replace(g_idx=g_idx.cuda())
-    return qw
+    return make_quantized(n, k, bits, group_size, mode, seed, act_order)
 
 
 def _check(qw, m, dtype, bias=False, seed=1, repeats=1, x=None, m_tile=None, k_splits=None,

@@ -300,6 +300,36 @@ def workspace(device: torch.device, stream: int, floats: int, tiles: int):
     return entry[0], entry[1]
 
 
+def call_operands(x: torch.Tensor, prepared: DecodePrepared, bias: Optional[torch.Tensor]):
+    """What the CUDA kernels on this layout (cuda_decode, cuda_prefill) take for one call:
+    x gathered by act-order and contiguous at a 16-byte boundary, the group parameters of
+    x's dtype, and the bias in x's dtype. Returns (x, scales, zero_or_offset, bias)."""
+    if prepared.act_index is not None:
+        x = x.index_select(1, prepared.act_index)   # the one activation gather per call
+    if not x.is_contiguous() or x.data_ptr() % 16:
+        # a view into a larger buffer may start off a 16-byte boundary: a fresh copy
+        # does not (torch's allocator aligns to >= 256 bytes)
+        x = x.clone(memory_format=torch.contiguous_format)
+    scales, zo = prepared.params_for(x.dtype)
+    if bias is not None:
+        if bias.dtype != x.dtype:
+            bias = bias.to(x.dtype)
+        bias = bias.contiguous()
+    return x, scales, zo, bias
+
+
+def output_buffer(out: Optional[torch.Tensor], m: int, n: int, dtype: torch.dtype,
+                  device: torch.device) -> torch.Tensor:
+    """A fresh [m, n] result, or ``out`` after checking it is a contiguous one."""
+    if out is None:
+        return torch.empty(m, n, dtype=dtype, device=device)
+    if (tuple(out.shape) != (m, n) or out.dtype != dtype or out.device != device
+            or not out.is_contiguous()):
+        raise ValueError(f"out: expected a contiguous {dtype} [{m}, {n}] tensor on "
+                         f"{device}, got {out.dtype} {tuple(out.shape)} on {out.device}")
+    return out
+
+
 def decode_matmul(x: torch.Tensor, prepared: DecodePrepared, bias: Optional[torch.Tensor],
                   blocks_per_sm: Optional[int] = None,
                   out: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -316,17 +346,7 @@ def decode_matmul(x: torch.Tensor, prepared: DecodePrepared, bias: Optional[torc
         raise ValueError(f"x: expected 1..{M_MAX} rows for cuda_decode, got {m}")
     if x.dtype not in (torch.float16, torch.bfloat16):
         raise TypeError(f"x: expected float16 or bfloat16, got {x.dtype}")
-    if prepared.act_index is not None:
-        x = x.index_select(1, prepared.act_index)   # the one activation gather per call
-    if not x.is_contiguous() or x.data_ptr() % 16:
-        # a view into a larger buffer may start off a 16-byte boundary: a fresh copy
-        # does not (torch's allocator aligns to >= 256 bytes)
-        x = x.clone(memory_format=torch.contiguous_format)
-    scales, zo = prepared.params_for(x.dtype)
-    if bias is not None:
-        if bias.dtype != x.dtype:
-            bias = bias.to(x.dtype)
-        bias = bias.contiguous()
+    x, scales, zo, bias = call_operands(x, prepared, bias)
     n = prepared.n
     n_pad, k_pad = padded_sizes(n, k)
     device = x.device
@@ -337,14 +357,7 @@ def decode_matmul(x: torch.Tensor, prepared: DecodePrepared, bias: Optional[torc
     grid = grid_size(m, n, k, prepared.bits, device.index, blocks_per_sm)
     stream = _ext.stream_handle(device)
     ws, counters = workspace(device, stream, 2 * grid * m * TILE_N, n_pad // TILE_N)
-    if out is None:
-        y = torch.empty(m, n, dtype=x.dtype, device=device)
-    else:
-        if (tuple(out.shape) != (m, n) or out.dtype != x.dtype or out.device != device
-                or not out.is_contiguous()):
-            raise ValueError(f"out: expected a contiguous {x.dtype} [{m}, {n}] tensor on "
-                             f"{device}, got {out.dtype} {tuple(out.shape)} on {out.device}")
-        y = out
+    y = output_buffer(out, m, n, x.dtype, device)
     ext.decode_gemm(
         x=x.data_ptr(), weight=prepared.packed.data_ptr(), scales=scales.data_ptr(),
         zo=0 if zo is None else zo.data_ptr(), bias=0 if bias is None else bias.data_ptr(),

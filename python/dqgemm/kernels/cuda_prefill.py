@@ -158,15 +158,7 @@ def prefill_matmul(x: torch.Tensor, prepared: DecodePrepared, bias: Optional[tor
         raise ValueError(f"x: expected at least 1 row, got {m}")
     if x.dtype not in (torch.float16, torch.bfloat16):
         raise TypeError(f"x: expected float16 or bfloat16, got {x.dtype}")
-    if prepared.act_index is not None:
-        x = x.index_select(1, prepared.act_index)
-    if not x.is_contiguous() or x.data_ptr() % 16:
-        x = x.clone(memory_format=torch.contiguous_format)
-    scales, zo = prepared.params_for(x.dtype)
-    if bias is not None:
-        if bias.dtype != x.dtype:
-            bias = bias.to(x.dtype)
-        bias = bias.contiguous()
+    x, scales, zo, bias = cuda_decode.call_operands(x, prepared, bias)
     n = prepared.n
     n_pad, k_pad = padded_sizes(n, k)
     device = x.device
@@ -192,14 +184,7 @@ def prefill_matmul(x: torch.Tensor, prepared: DecodePrepared, bias: Optional[tor
         ws, counters = cuda_decode.workspace(
             device, stream, tiles * choice.k_splits * choice.m_tile * choice.n_tile, tiles)
         ws_ptr, counters_ptr = ws.data_ptr(), counters.data_ptr()
-    if out is None:
-        y = torch.empty(m, n, dtype=x.dtype, device=device)
-    else:
-        if (tuple(out.shape) != (m, n) or out.dtype != x.dtype or out.device != device
-                or not out.is_contiguous()):
-            raise ValueError(f"out: expected a contiguous {x.dtype} [{m}, {n}] tensor on "
-                             f"{device}, got {out.dtype} {tuple(out.shape)} on {out.device}")
-        y = out
+    y = cuda_decode.output_buffer(out, m, n, x.dtype, device)
     ext.prefill_gemm(
         x=x.data_ptr(), weight=prepared.packed.data_ptr(), scales=scales.data_ptr(),
         zo=0 if zo is None else zo.data_ptr(), bias=0 if bias is None else bias.data_ptr(),
