@@ -108,9 +108,10 @@ def estimate_cost(m: int, n: int, k: int, choice: TileChoice, sms: int) -> float
     return waves * per_sm * per_block * split_penalty
 
 
-def measured_choice(m: int, n: int, k: int, bits: int) -> Optional[TileChoice]:
-    """The configuration measured fastest for this (K, N, bits) at the nearest measured M
-    (configs/cuda_prefill.json, "measured": from bench/cuda_prefill_bench.py), or None."""
+def measured_choice(m: int, n: int, k: int, bits: int) -> Optional[Tuple[float, TileChoice]]:
+    """(|log2 M - log2 M'|, configuration) of the measured M' nearest to M for this
+    (K, N, bits) (configs/cuda_prefill.json, "measured": each entry's source names the sweep
+    and the GPU), or None."""
     best = None
     for entry in _config().get("measured", []):
         if (entry["k"], entry["n"], entry["bits"]) != (k, n, bits):
@@ -120,20 +121,17 @@ def measured_choice(m: int, n: int, k: int, bits: int) -> Optional[TileChoice]:
             best = (distance, TileChoice(int(entry["m_tile"]), int(entry["k_splits"]),
                                          int(entry["n_tile"]),
                                          bool(entry.get("warp_specialized", False))))
-    return None if best is None else best[1]
+    return best
 
 
 @functools.lru_cache(maxsize=4096)
 def choose_tile(m: int, n: int, k: int, sms: int, bits: int = 4) -> TileChoice:
-    """The measured configuration of this layer shape if there is one (for M within a
-    factor of 2 of a measured M), else the cheapest by :func:`estimate_cost`."""
-    measured = measured_choice(m, n, k, bits)
+    """The measured configuration of this layer shape if there is one for M within a
+    factor of 2 of a measured M, else the cheapest by :func:`estimate_cost`."""
     k_stages = padded_sizes(n, k)[1] // STAGE_K
-    if measured is not None and measured.k_splits <= k_stages:
-        nearest = min(abs(math.log2(m) - math.log2(e["m"])) for e in _config()["measured"]
-                      if (e["k"], e["n"], e["bits"]) == (k, n, bits))
-        if nearest <= 1.0:
-            return measured
+    measured = measured_choice(m, n, k, bits)
+    if measured is not None and measured[0] <= 1.0 and measured[1].k_splits <= k_stages:
+        return measured[1]
     max_splits = min(int(_config()["cost_model"]["max_k_splits"]), k_stages)
     return min(all_choices(max_splits), key=lambda c: estimate_cost(m, n, k, c, sms))
 
