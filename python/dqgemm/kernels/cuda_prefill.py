@@ -3,7 +3,9 @@
 What it computes: y[M, N] = x[M, K] @ dequant(W)^T (+ bias) in one launch of
 csrc/prefill_gemm.cu: wgmma.mma_async with the weight dequantized in registers as the A
 operand (the decode layout's lane chunks are wgmma's A fragments) and x as the B operand in
-shared memory (128-byte swizzle); cp.async ring; optional deterministic split-K.
+shared memory (128-byte swizzle); a cp.async ring, fed either by the computing threads or
+by a third, copying warpgroup (``warp_specialized``); the output staged through shared
+memory for 16-byte stores when N % 8 == 0; optional deterministic split-K.
 The same formats as cuda_decode: 4/8-bit codes, groups 32/64/128/256 or per-channel,
 symmetric / zero points / offsets, fp16 / bf16 activations, act-order by one gather.
 
@@ -12,11 +14,12 @@ built by :func:`dqgemm.kernels.cuda_decode.prepare_decode`); ``prepared_key`` ma
 kernels share one cached copy per weight.
 
 Tile choice (``m_tile`` tokens per block: 64, 128 or 256; ``n_tile`` channels per block:
-128 or 256; ``k_splits`` blocks per output tile along K): the configuration measured
+128 or 256, 256 only with m_tile <= 128; ``warp_specialized``; ``k_splits`` blocks per
+output tile along K): the configuration measured
 fastest for the layer shape (configs/cuda_prefill.json, "measured", written from the
 sweep of bench/cuda_prefill_bench.py), else a cost model over whole waves of blocks whose
-constants are data in the same file; ``prefill_matmul(..., m_tile=, k_splits=, n_tile=)``
-overrides both.
+constants are data in the same file; ``prefill_matmul(..., m_tile=, k_splits=, n_tile=,
+warp_specialized=)`` overrides both.
 
 Constraints: compute capability 9.0 and an extension built for sm_90a (the default
 DQGEMM_CUDA_ARCHS "80;90a"), fp16/bf16 activations, K % 8 == 0. Workspaces are cuda_decode's
