@@ -25,7 +25,9 @@
 # benchmark and the decode run are skipped), NCU=1 profiles cuda_decode with Nsight Compute
 # (bench/cuda_decode_ncu.py $NCU_ARGS, e.g. NCU_ARGS="4096 4096" for K x N; ncu.txt),
 # SANITIZE=1 runs compute-sanitizer memcheck and racecheck on bench/cuda_decode_sanitize.py
-# (sanitize_memcheck.txt, sanitize_racecheck.txt).
+# and bench/cuda_prefill_sanitize.py (sanitize_{memcheck,racecheck}.txt,
+# sanitize_prefill_{memcheck,racecheck}.txt), PREFILL_SWEEP=1 times every cuda_prefill
+# launch choice (bench/cuda_prefill_bench.py $PREFILL_ARGS; prefill_sweep.json / .txt).
 # DECODE_VARIANTS (see the end of this script) rebuilds with other nvcc flags and times
 # each variant with the quick check, after everything else.
 # Knobs (environment): BENCH_ARGS (default below), E2E_MODEL (llama3-8b), E2E_ARGS,
@@ -104,13 +106,31 @@ fi
 
 if [ "${SANITIZE:-0}" = "1" ]; then
   # compute-sanitizer memcheck and racecheck on the small cuda_decode sweep (every token
-  # tile, width, dtype, zero mode, group variant and the stream-K fixup)
+  # tile, width, dtype, zero mode, group variant and the stream-K fixup), and on the
+  # cuda_prefill sweep (every configuration and split; racecheck on its --quick subset)
   for tool in memcheck racecheck; do
     stamp "sanitize: compute-sanitizer --tool $tool bench/cuda_decode_sanitize.py"
     timeout 240 compute-sanitizer --tool $tool $PY bench/cuda_decode_sanitize.py \
       > "$OUT_DIR/sanitize_$tool.txt" 2>&1
     stamp "sanitize $tool: rc=$? $(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT_DIR/sanitize_$tool.txt" | tail -1)"
+    quick=""
+    [ "$tool" = "racecheck" ] && quick="--quick"
+    stamp "sanitize: compute-sanitizer --tool $tool bench/cuda_prefill_sanitize.py $quick"
+    timeout 240 compute-sanitizer --tool $tool $PY bench/cuda_prefill_sanitize.py $quick \
+      > "$OUT_DIR/sanitize_prefill_$tool.txt" 2>&1
+    stamp "sanitize prefill $tool: rc=$? $(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT_DIR/sanitize_prefill_$tool.txt" | tail -1)"
   done
+fi
+
+if [ "${PREFILL_SWEEP:-0}" = "1" ]; then
+  # every cuda_prefill launch choice against FP16 (the data of configs/cuda_prefill.json's
+  # measured table: bench/cuda_prefill_table.py); PREFILL_ARGS picks shapes / M / bits
+  stamp "prefill sweep: bench/cuda_prefill_bench.py ${PREFILL_ARGS:---bits 4 --m 64,256,1024,4096 --splits 1,2,4 --no-dequant}"
+  # shellcheck disable=SC2086
+  timeout "${PREFILL_TIMEOUT:-300}" $PY bench/cuda_prefill_bench.py \
+    ${PREFILL_ARGS:---bits 4 --m 64,256,1024,4096 --splits 1,2,4 --no-dequant} \
+    --json "$OUT_DIR/prefill_sweep.json" > "$OUT_DIR/prefill_sweep.txt" 2>&1
+  stamp "prefill sweep: rc=$?"
 fi
 
 TESTS="skipped"
