@@ -71,6 +71,25 @@ def test_model_splits_k_when_tiles_are_few(monkeypatch):
         cp.choose_tile.cache_clear()
 
 
+def test_shipped_table_is_valid_and_sourced():
+    """Every measured entry names a configuration the kernel has and a results file that
+    is in the repository, and the cost model knows every configuration."""
+    import os
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    entries = cp._config()["measured"]
+    assert entries, "the shipped table is empty"
+    for e in entries:
+        choice = cp.TileChoice(e["m_tile"], e["k_splits"], e["n_tile"], e["warp_specialized"])
+        assert choice.valid(), e
+        assert choice.k_splits <= cd.padded_sizes(e["n"], e["k"])[1] // cp.STAGE_K, e
+        path = e["source"].split(" ")[0]
+        assert os.path.isfile(os.path.join(root, path)), path
+        assert e["us"] > 0 and e["fp16_us"] > 0
+    model = cp._config()["cost_model"]
+    for choice in cp.all_choices(1):
+        assert choice.key in model["blocks_per_sm"] and choice.key in model["relative_cost"]
+
+
 def _problem(**kw):
     base = dict(m=256, n=4096, k=4096, bits=4, group_size=128, dtype=torch.float16,
                 scale_dtype=torch.float16, zero_mode="symmetric", act_order=False,
