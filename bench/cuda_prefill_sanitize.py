@@ -13,10 +13,9 @@ import sys
 import torch
 
 import dqgemm
+from dqgemm.bench.runner import TOLERANCE
 from dqgemm.kernels import cuda_decode as cd
 from dqgemm.kernels import cuda_prefill as cp
-
-TOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
 def main(argv):
@@ -47,7 +46,7 @@ def main(argv):
                               out=out)
             ref = x.double() @ ref_w.t()
             err = ((out.double() - ref).norm() / ref.norm()).item()
-            good = bool(torch.isfinite(out).all()) and err <= TOL[dtype]
+            good = bool(torch.isfinite(out).all()) and err <= TOLERANCE[dtype]
             cases += 1
             ok += good
             print(f"INT{bits} {dtype} {mode} {choice.key}/{choice.k_splits} M={m}: "

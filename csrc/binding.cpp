@@ -160,8 +160,6 @@ PYBIND11_MODULE(_C, m) {
         py::arg("warp_specialized"), py::arg("stream"),
         "Prefill GEMM (sm_90a wgmma, any M) on a cuda_decode-packed weight; see "
         "csrc/prefill_gemm.cu.");
-  m.def("prefill_gemm_compiled", &dqgemm::prefill_gemm_compiled,
-        "True when the sm_90a prefill kernels were built and run on this device.");
   m.def("runtime_version", &runtime_version, "CUDA runtime version this module links.");
   m.def("device_count", &device_count, "Visible CUDA devices (raises if the driver fails).");
 }

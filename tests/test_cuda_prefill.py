@@ -10,12 +10,11 @@ import pytest
 import torch
 
 import dqgemm
+from _util import TOLERANCE as TOL
 from _util import make_quantized
 from dqgemm import ops, registry
 from dqgemm.kernels import cuda_decode as cd
 from dqgemm.kernels import cuda_prefill as cp
-
-TOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
 # ----------------------------------------------------------------------------------------

@@ -89,11 +89,6 @@ def _config() -> Dict:
         return json.load(f)
 
 
-@functools.lru_cache(maxsize=16)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def estimate_cost(m: int, n: int, k: int, choice: TileChoice, sms: int) -> float:
     """Relative time of ``choice`` (configs/cuda_prefill.json, "cost_model"): whole waves of
     blocks, each taking (stage overhead + m_tile) x n_tile / 128 per 64-k stage times the
@@ -167,17 +162,17 @@ def prefill_matmul(x: torch.Tensor, prepared: DecodePrepared, bias: Optional[tor
         raise ValueError(f"m_tile, k_splits: expected both or neither, got m_tile={m_tile!r}, "
                          f"k_splits={k_splits!r}")
     if m_tile is None:
-        choice = choose_tile(m, n, k, _sm_count(device.index), prepared.bits)
+        choice = choose_tile(m, n, k, cuda_decode._sm_count(device.index), prepared.bits)
     else:
         if m_tile not in M_TILES:
             raise ValueError(f"m_tile: expected one of {M_TILES}, got {m_tile!r}")
-        if n_tile not in N_TILES or (n_tile == 256 and m_tile == 256):
-            raise ValueError(f"n_tile: expected one of {N_TILES} (256 only with m_tile <= "
-                             f"128), got {n_tile!r} with m_tile={m_tile}")
         if not isinstance(k_splits, int) or not 1 <= k_splits <= k_pad // STAGE_K:
             raise ValueError(f"k_splits: expected an int in 1..{k_pad // STAGE_K}, got "
                              f"{k_splits!r}")
         choice = TileChoice(m_tile, k_splits, n_tile, bool(warp_specialized))
+        if not choice.valid():  # m_tile and k_splits are checked: the width is wrong
+            raise ValueError(f"n_tile: expected one of {N_TILES} (256 only with m_tile <= "
+                             f"128), got {n_tile!r} with m_tile={m_tile}")
     tiles = math.ceil(n_pad / choice.n_tile) * math.ceil(m / choice.m_tile)
     stream = _ext.stream_handle(device)
     ws_ptr = counters_ptr = 0
