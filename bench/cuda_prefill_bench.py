@@ -59,6 +59,9 @@ def main(argv=None) -> int:
     ap.add_argument("--ws", default="0,1", help="warp-specialized variants: 0, 1 or 0,1")
     ap.add_argument("--reps", type=int, default=timing.MIN_REPS)
     ap.add_argument("--no-dequant", action="store_true")
+    ap.add_argument("--probe", action="store_true",
+                    help="time configurations whose output is wrong too (builds with "
+                         "DQGEMM_PREFILL_PROBE, csrc/prefill_gemm.cu); marked probe")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -122,9 +125,12 @@ def main(argv=None) -> int:
                              "k_splits": choice.k_splits,
                              "warp_specialized": choice.warp_specialized,
                              "config": choice.key + f"/{choice.k_splits}", "rel_err": err}
-                    if not (err <= 4e-3 and torch.isfinite(out).all()):
+                    wrong = not (err <= 4e-3 and torch.isfinite(out).all())
+                    if wrong:
                         entry["not_ok"] = f"relative error {err:.3e}"
-                    else:
+                    if args.probe:
+                        entry["probe"] = True
+                    if not wrong or args.probe:
                         t = timing.time_calls(
                             [lambda p=p, c=choice:
                              cp.prefill_matmul(x, p, None, m_tile=c.m_tile, k_splits=c.k_splits,

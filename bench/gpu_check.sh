@@ -26,8 +26,10 @@
 # (bench/cuda_decode_ncu.py $NCU_ARGS, e.g. NCU_ARGS="4096 4096" for K x N; ncu.txt),
 # SANITIZE=1 runs compute-sanitizer memcheck and racecheck on bench/cuda_decode_sanitize.py
 # and bench/cuda_prefill_sanitize.py (sanitize_{memcheck,racecheck}.txt,
-# sanitize_prefill_{memcheck,racecheck}.txt), PREFILL_SWEEP=1 times every cuda_prefill
+# sanitize_prefill_{memcheck,racecheck}.txt; SANITIZE_TARGETS="decode prefill" picks), PREFILL_SWEEP=1 times every cuda_prefill
 # launch choice (bench/cuda_prefill_bench.py $PREFILL_ARGS; prefill_sweep.json / .txt).
+# NCU_PREFILL=1 profiles one cuda_prefill configuration (ncu_prefill.txt; NCU_PREFILL_ARGS),
+# PREFILL_VARIANTS times cuda_prefill builds with other nvcc flags (end of this script).
 # DECODE_VARIANTS (see the end of this script) rebuilds with other nvcc flags and times
 # each variant with the quick check, after everything else.
 # Knobs (environment): BENCH_ARGS (default below), E2E_MODEL (llama3-8b), E2E_ARGS,
@@ -103,22 +105,39 @@ if [ "${NCU:-0}" = "1" ]; then
     $PY bench/cuda_decode_ncu.py ${NCU_ARGS:-} > "$OUT_DIR/ncu.txt" 2>&1
   stamp "ncu: rc=$?"
 fi
+if [ "${NCU_PREFILL:-0}" = "1" ]; then
+  # one cuda_prefill configuration (bench/cuda_prefill_ncu.py $NCU_PREFILL_ARGS:
+  # K N M M_TILE N_TILE SPLITS [BITS [WS]]) with the stall reasons per instruction
+  stamp "ncu prefill: bench/cuda_prefill_ncu.py ${NCU_PREFILL_ARGS:-8192 28672 2048 128 256 1 4 1}"
+  # shellcheck disable=SC2086
+  timeout 240 ncu --clock-control none --kernel-name regex:prefill_gemm --launch-skip 3 \
+    --launch-count 1 --section SpeedOfLight --section ComputeWorkloadAnalysis \
+    --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis \
+    --section Occupancy --section SourceCounters \
+    $PY bench/cuda_prefill_ncu.py ${NCU_PREFILL_ARGS:-8192 28672 2048 128 256 1 4 1} \
+    > "$OUT_DIR/ncu_prefill.txt" 2>&1
+  stamp "ncu prefill: rc=$?"
+fi
 
 if [ "${SANITIZE:-0}" = "1" ]; then
   # compute-sanitizer memcheck and racecheck on the small cuda_decode sweep (every token
   # tile, width, dtype, zero mode, group variant and the stream-K fixup), and on the
   # cuda_prefill sweep (every configuration and split; racecheck on its --quick subset)
   for tool in memcheck racecheck; do
-    stamp "sanitize: compute-sanitizer --tool $tool bench/cuda_decode_sanitize.py"
-    timeout 240 compute-sanitizer --tool $tool $PY bench/cuda_decode_sanitize.py \
-      > "$OUT_DIR/sanitize_$tool.txt" 2>&1
-    stamp "sanitize $tool: rc=$? $(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT_DIR/sanitize_$tool.txt" | tail -1)"
-    quick=""
-    [ "$tool" = "racecheck" ] && quick="--quick"
-    stamp "sanitize: compute-sanitizer --tool $tool bench/cuda_prefill_sanitize.py $quick"
-    timeout 240 compute-sanitizer --tool $tool $PY bench/cuda_prefill_sanitize.py $quick \
-      > "$OUT_DIR/sanitize_prefill_$tool.txt" 2>&1
-    stamp "sanitize prefill $tool: rc=$? $(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT_DIR/sanitize_prefill_$tool.txt" | tail -1)"
+    if [[ " ${SANITIZE_TARGETS:-decode prefill} " == *" decode "* ]]; then
+      stamp "sanitize: compute-sanitizer --tool $tool bench/cuda_decode_sanitize.py"
+      timeout 240 compute-sanitizer --tool $tool $PY bench/cuda_decode_sanitize.py \
+        > "$OUT_DIR/sanitize_$tool.txt" 2>&1
+      stamp "sanitize $tool: rc=$? $(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT_DIR/sanitize_$tool.txt" | tail -1)"
+    fi
+    if [[ " ${SANITIZE_TARGETS:-decode prefill} " == *" prefill "* ]]; then
+      quick=""
+      [ "$tool" = "racecheck" ] && quick="--quick"
+      stamp "sanitize: compute-sanitizer --tool $tool bench/cuda_prefill_sanitize.py $quick"
+      timeout 240 compute-sanitizer --tool $tool $PY bench/cuda_prefill_sanitize.py $quick \
+        > "$OUT_DIR/sanitize_prefill_$tool.txt" 2>&1
+      stamp "sanitize prefill $tool: rc=$? $(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT_DIR/sanitize_prefill_$tool.txt" | tail -1)"
+    fi
   done
 fi
 
@@ -205,6 +224,24 @@ for spec in ${DECODE_VARIANTS:-}; do
     stamp "variant $name: rc=$?"
   else
     stamp "variant $name: build failed"
+  fi
+done
+
+# PREFILL_VARIANTS="name=-DFLAG,-DFLAG2 name2=base ...": the same for cuda_prefill, timed by
+# bench/cuda_prefill_bench.py --probe $PREFILL_VARIANT_ARGS into prefill_variant_<name>.json
+# (probe builds, DQGEMM_PREFILL_PROBE, give wrong results on purpose: timed anyway).
+for spec in ${PREFILL_VARIANTS:-}; do
+  name=${spec%%=*}; flags=${spec#*=}
+  [ "$flags" = "base" ] && flags=""
+  flags=${flags//,/ }  # several flags: -DA=1,-DB=1
+  stamp "prefill variant $name: rebuild with DQGEMM_NVCC_FLAGS=$flags"
+  if DQGEMM_NVCC_FLAGS="$flags" $PY -m pip install --no-build-isolation --no-deps -e . >> "$LOG" 2>&1; then
+    # shellcheck disable=SC2086
+    timeout 240 $PY bench/cuda_prefill_bench.py --probe ${PREFILL_VARIANT_ARGS:---bits 4 --m 256,2048 --m-tiles 128 --n-tiles 256 --ws 1 --splits 1 --no-dequant} \
+      --json "$OUT_DIR/prefill_variant_$name.json" > "$OUT_DIR/prefill_variant_$name.txt" 2>&1
+    stamp "prefill variant $name: rc=$? $(grep -A20 '^summary' "$OUT_DIR/prefill_variant_$name.txt" | tail -n +2 | tr -s ' ' | paste -sd';')"
+  else
+    stamp "prefill variant $name: build failed"
   fi
 done
 

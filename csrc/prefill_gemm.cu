@@ -36,12 +36,14 @@
 //   - 256 threads that copy and compute: the block barrier of stage i + 1 may be passed
 //     while stage i - 1 is still read by wgmma, so the ring refills the slot of stage i - 2
 //     (STAGES - 2 stages in flight);
-//   - warp-specialized (384 threads): a third warpgroup only copies, with per-thread address
-//     parts hoisted out of its loop; per stage a "full" mbarrier (its 128 threads arrive
-//     through cp.async.mbarrier.arrive.noinc) and an "empty" one (the 256 computing threads
-//     arrive once the wgmma that read the stage are done); setmaxnreg gives the copying
-//     warpgroup 40 registers and the computing ones 232. Measured: 1.15-1.3x faster at
-//     M >= 256 on the H200 (bench/results/NOTES.md, "Prefill").
+//   - warp-specialized (384 threads): a third warpgroup only copies: one of its threads
+//     issues, per stage, a TMA tile load of x (tensor map with the 128-byte swizzle, made
+//     by the launcher; zeros outside [M, K]) and bulk copies of the stage's weight and
+//     group-parameter bytes, completing on a "full" mbarrier by byte count; the 256
+//     computing threads arrive on an "empty" one once the wgmma that read the stage are
+//     done. setmaxnreg gives the copying warpgroup 40 registers and the computing ones 232.
+//     Measured on the H200 (bench/results/NOTES.md, "Prefill"): the copying warpgroup
+//     1.15-1.3x at M >= 256; TMA instead of its 128 threads of cp.async another 1.07-1.19x.
 //
 // Work partition: one block per (block column of NT n_tiles, m_tile, k split); the m tiles of
 // a column are neighbours in launch order (they share the weight through L2). With
@@ -55,6 +57,9 @@
 // 1 <= k_splits <= K_pad / 64.
 // Test: pytest tests/test_cuda_prefill.py. Benchmark: python -m dqgemm bench (kernel
 // "cuda_prefill"), bench/cuda_prefill_bench.py for the tile / split sweep.
+
+#include <cuda.h>          // CUtensorMap (the type only: the encoder is fetched at run time)
+#include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled
 
 #include "decode_gemm.cuh"
 #include "wgmma.cuh"
@@ -126,6 +131,37 @@ __device__ __forceinline__ void fence_proxy_async() {
 #endif
 }
 
+// The copying warpgroup's copies (WS configurations): one thread issues, per stage, a TMA
+// tile load of the x tile (the tensor map's 128-byte swizzle writes exactly the layout the
+// wgmma descriptor reads; rows >= M and k >= K come back as zeros) and bulk copies of the
+// stage's contiguous weight and group-parameter bytes, all completing on the stage's "full"
+// mbarrier by byte count. Measured against 128 threads of cp.async: bench/results/NOTES.md.
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes)
+               : "memory");
+#endif
+}
+__device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map, int c0, int c1,
+                                            uint32_t bar) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%2, %3}], [%4];\n" ::"r"(dst), "l"(reinterpret_cast<uint64_t>(map)),
+      "r"(c0), "r"(c1), "r"(bar)
+      : "memory");
+#endif
+}
+__device__ __forceinline__ void bulk_load(uint32_t dst, const void* src, uint32_t bytes,
+                                          uint32_t bar) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
+      ::"r"(dst), "l"(src), "r"(bytes), "r"(bar)
+      : "memory");
+#endif
+}
+
 // Barrier of the two computing warpgroups only (the copying one may have left).
 __device__ __forceinline__ void compute_sync() {
   asm volatile("bar.sync 1, 256;\n" ::: "memory");
@@ -146,7 +182,7 @@ __device__ __forceinline__ void setmaxnreg_inc() {
 
 template <typename T, typename Cfg>
 __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
-prefill_gemm_kernel(const PrefillGemmParams p) {
+prefill_gemm_kernel(const PrefillGemmParams p, const __grid_constant__ CUtensorMap x_map) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using P = Pair<T>;
   using Mma = wgmma::Wgmma<T, Cfg::kBM>;
@@ -233,54 +269,31 @@ prefill_gemm_kernel(const PrefillGemmParams p) {
     }
   };
 
-  // The copying warpgroup's version of load_stage (WS): 128 threads, per-thread address
-  // parts hoisted out of the loop (thread ptid always copies 16-byte chunk ptid % 8 of
-  // rows ptid / 8 + 16 i of the x tile, so its swizzled offset is one constant).
-  const int ptid = tid - Cfg::kComputeThreads;
-  const int xj = ptid & 7;
-  const int xr0 = ptid >> 3;
-  const uint32_t x_dst = xr0 * 128 + ((xj ^ (xr0 & 7)) << 4);
-  const T* x_src = x + (m0 + xr0) * k_real + xj * 8;
-  const int64_t x_step = 16 * k_real;
-  const int x_rows_ok = static_cast<int>(
-      max(int64_t{0}, min(int64_t{kBM / 16}, (m_rows - m0 - xr0 + 15) / 16)));
-  const uint8_t* __restrict__ w_src = static_cast<const uint8_t*>(p.weight) + ptid * 16;
-  auto produce_stage = [&](int kb, int slot) {
+  // The copying warpgroup's version of load_stage (WS), issued by one thread: the same
+  // bytes, as one TMA tile load (x) and bulk copies, all counted on the stage's `bar`.
+  const uint8_t* __restrict__ w_all = static_cast<const uint8_t*>(p.weight);
+  const bool has_zo = mode != static_cast<int>(ZeroMode::kSymmetric);
+  const uint32_t p_bytes = two_groups ? 512u : 256u;
+  auto issue_stage = [&](int kb, int slot, uint32_t bar) {
     const uint32_t st = smem0 + slot * Cfg::kStageBytes;
     const int64_t k0 = static_cast<int64_t>(kb) * Cfg::kBK;
-    const bool k_ok = k0 + xj * 8 < k_real;
+    const int64_t g0 = k0 >> gs_log2;
+    uint32_t tiles = 0;
 #pragma unroll
-    for (int i = 0; i < kBM / 16; ++i) {
-      const bool valid = k_ok && i < x_rows_ok;
-      cp_async16_zfill(st + x_dst + i * 2048, valid ? x_src + i * x_step + k0 : x,
-                       valid ? 16 : 0);
-    }
+    for (int t = 0; t < kNT; ++t) tiles += n_t * kNT + t < n_tiles ? 1u : 0u;
+    mbar_arrive_expect_tx(bar, Cfg::kXBytes + tiles * (Cfg::kTileWBytes + p_bytes * (has_zo ? 2u : 1u)));
+    tma_load_2d(st, &x_map, static_cast<int>(k0), static_cast<int>(m0), bar);
 #pragma unroll
     for (int t = 0; t < kNT; ++t) {
       const int64_t nt = n_t * kNT + t;
       if (nt < n_tiles) {
-        const uint8_t* src = w_src + nt * tile_wbytes + static_cast<int64_t>(kb) * Cfg::kTileWBytes;
-#pragma unroll
-        for (int q = 0; q < Cfg::kTileWBytes / 2048; ++q) {
-          cp_async16_stream(st + Cfg::kXBytes + t * Cfg::kTileWBytes + q * 2048 + ptid * 16,
-                            src + q * 2048);
-        }
-      }
-    }
-    const int64_t g0 = k0 >> gs_log2;
-    const int pchunks = two_groups ? 32 : 16;
-    const int c = 127 - ptid;
-    if (c < kNT * pchunks) {
-      const int t = c / pchunks;
-      const int cc = c - t * pchunks;
-      const int64_t nt = n_t * kNT + t;
-      if (nt < n_tiles) {
-        const int64_t off = (nt * p.groups_padded + g0) * 256 + cc * 16;
-        const uint32_t dst = st + Cfg::kXBytes + Cfg::kWBytes + t * Cfg::kTilePBytes + cc * 16;
-        cp_async16_zfill(dst, sbase + off, 16);
-        if (mode != static_cast<int>(ZeroMode::kSymmetric)) {
-          cp_async16_zfill(dst + Cfg::kPBytes, zbase + off, 16);
-        }
+        bulk_load(st + Cfg::kXBytes + t * Cfg::kTileWBytes,
+                  w_all + nt * tile_wbytes + static_cast<int64_t>(kb) * Cfg::kTileWBytes,
+                  Cfg::kTileWBytes, bar);
+        const int64_t off = (nt * p.groups_padded + g0) * 256;
+        const uint32_t dst = st + Cfg::kXBytes + Cfg::kWBytes + t * Cfg::kTilePBytes;
+        bulk_load(dst, sbase + off, p_bytes, bar);
+        if (has_zo) bulk_load(dst + Cfg::kPBytes, zbase + off, p_bytes, bar);
       }
     }
   };
@@ -355,7 +368,7 @@ prefill_gemm_kernel(const PrefillGemmParams p) {
     if (tid == 0) {
 #pragma unroll
       for (int s = 0; s < kStages; ++s) {
-        decode::mbar_init(smem_addr(&full_bar[s]), 128);
+        decode::mbar_init(smem_addr(&full_bar[s]), 1);  // the issuing thread's expect_tx
         decode::mbar_init(smem_addr(&empty_bar[s]), Cfg::kComputeThreads);
       }
       decode::mbar_init_fence();
@@ -363,21 +376,22 @@ prefill_gemm_kernel(const PrefillGemmParams p) {
     __syncthreads();
     if (wg == 2) {  // the copying warpgroup
       setmaxnreg_dec<40>();
-      int slot = 0;
-      for (int i = 0; i < n_stages; ++i) {
-        if (i >= kStages) decode::mbar_wait(smem_addr(&empty_bar[slot]), ((i / kStages) - 1) & 1);
-        produce_stage(kb_begin + i, slot);
-        decode::cp_async_mbar_arrive(smem_addr(&full_bar[slot]));
-        slot = slot + 1 == kStages ? 0 : slot + 1;
+      if (tid == Cfg::kComputeThreads) {
+        int slot = 0;
+        for (int i = 0; i < n_stages; ++i) {
+          if (i >= kStages) decode::mbar_wait(smem_addr(&empty_bar[slot]), ((i / kStages) - 1) & 1);
+          issue_stage(kb_begin + i, slot, smem_addr(&full_bar[slot]));
+          slot = slot + 1 == kStages ? 0 : slot + 1;
+        }
       }
-      cp_async_wait<0>();
       return;
     }
     setmaxnreg_inc<232>();
     int slot = 0, prev = kStages - 1;
     auto step = [&](int i, auto buf) {
       decode::mbar_wait(smem_addr(&full_bar[slot]), (i / kStages) & 1);
-      fence_proxy_async();
+      // (no proxy fence: TMA and bulk copies write through the async proxy, and the
+      // mbarrier's completion makes them visible to the generic-proxy reads too)
       compute_stage(slot, buf);
       if (i >= 1) decode::mbar_arrive(smem_addr(&empty_bar[prev]));  // stage i - 1 is read
       prev = slot;
@@ -523,13 +537,53 @@ prefill_gemm_kernel(const PrefillGemmParams p) {
 
 namespace {
 
+// cuTensorMapEncodeTiled is a driver function; the runtime hands out its address (the
+// extension links the static runtime, not libcuda). Looked up once per process.
+PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+  static const PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault,
+                                         &found) != cudaSuccess ||
+        found != cudaDriverEntryPointSuccess) {
+      cudaGetLastError();
+      f = nullptr;
+    }
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f);
+  }();
+  return fn;
+}
+
+// The TMA view of x for the copying warpgroup: [M, K] row-major, boxes of 64 k (128 bytes,
+// the swizzle span) x m_tile rows, 128-byte swizzle, zeros outside the tensor.
+cudaError_t encode_x_map(const PrefillGemmParams& p, CUtensorMap* map) {
+  const PFN_cuTensorMapEncodeTiled_v12000 encode = tensor_map_encoder();
+  if (encode == nullptr) return cudaErrorNotSupported;
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(p.k), static_cast<cuuint64_t>(p.m)};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(p.k) * 2};  // bytes, rows
+  const cuuint32_t box[2] = {64, static_cast<cuuint32_t>(p.m_tile)};
+  const cuuint32_t elem_strides[2] = {1, 1};
+  const CUtensorMapDataType type = p.dtype == DType::kFloat16 ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16
+                                                              : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+  const CUresult r = encode(map, type, 2, const_cast<void*>(p.x), dims, strides, box,
+                            elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                            CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                            CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
+}
+
 template <typename T, typename Cfg>
 cudaError_t launch_kernel(const PrefillGemmParams& p, int grid) {
   auto kernel = prefill::prefill_gemm_kernel<T, Cfg>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          Cfg::kSmemBytes);
   if (err != cudaSuccess) return err;
-  kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, p.stream>>>(p);
+  CUtensorMap x_map{};  // read only by the copying warpgroup of the WS configurations
+  if (Cfg::kWS) {
+    err = encode_x_map(p, &x_map);
+    if (err != cudaSuccess) return err;
+  }
+  kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, p.stream>>>(p, x_map);
   return cudaGetLastError();
 }
 
