@@ -3,8 +3,9 @@
 What it computes: y[M, N] = x[M, K] @ dequant(W)^T (+ bias) in one launch of
 csrc/prefill_gemm.cu: wgmma.mma_async with the weight dequantized in registers as the A
 operand (the decode layout's lane chunks are wgmma's A fragments) and x as the B operand in
-shared memory (128-byte swizzle); a cp.async ring, fed either by the computing threads or
-by a third, copying warpgroup (``warp_specialized``); the output staged through shared
+shared memory (128-byte swizzle); a ring of stages, filled either by the computing threads
+(cp.async) or by a third, copying warpgroup (``warp_specialized``: TMA and bulk copies from
+one thread); the output staged through shared
 memory for 16-byte stores when N % 8 == 0; optional deterministic split-K.
 The same formats as cuda_decode: 4/8-bit codes, groups 32/64/128/256 or per-channel,
 symmetric / zero points / offsets, fp16 / bf16 activations, act-order by one gather.
