@@ -48,6 +48,30 @@ def _rel_err(out, ref):
     return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
 
 
+def _write(path, rows, reps, argv, partial):
+    """The sweep's JSON (rewritten after every case, so a run cut short keeps its rows)."""
+    if not path:
+        return
+    doc = {
+        "meta": {
+            "what": "cuda_prefill launch-choice sweep (bench/cuda_prefill_bench.py)",
+            "device": torch.cuda.get_device_name(0),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "torch": torch.__version__, "cuda": torch.version.cuda,
+            "python": platform.python_version(),
+            "command": "python bench/cuda_prefill_bench.py " + " ".join(argv or sys.argv[1:]),
+            "method": "kernel-only, CUDA graph per rotated weight copies (>= 3x L2), median "
+                      f"of {reps} replays; FP16 = F.linear on the dequantized weight",
+            "int4_group_size": 128, "int8_group_size": -1,
+        },
+        "rows": rows,
+    }
+    if partial:
+        doc["partial"] = True
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=1)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shapes", default="llama3-8b,llama3-70b")
@@ -56,7 +80,10 @@ def main(argv=None) -> int:
     ap.add_argument("--splits", default="1,2,3,4")
     ap.add_argument("--m-tiles", default=",".join(map(str, cp.M_TILES)))
     ap.add_argument("--n-tiles", default=",".join(map(str, cp.N_TILES)))
-    ap.add_argument("--ws", default="0,1", help="warp-specialized variants: 0, 1 or 0,1")
+    ap.add_argument("--ws", default="0,1,2",
+                    help="copier variants: 0 (computing threads copy), 1 (a copying "
+                         "warpgroup), 2 (a copying warpgroup that also dequantizes); "
+                         "a comma-separated subset")
     ap.add_argument("--reps", type=int, default=timing.MIN_REPS)
     ap.add_argument("--no-dequant", action="store_true")
     ap.add_argument("--probe", action="store_true",
@@ -79,7 +106,7 @@ def main(argv=None) -> int:
     splits_list = [int(v) for v in args.splits.split(",")]
     m_tiles = [int(v) for v in args.m_tiles.split(",")]
     n_tiles = [int(v) for v in args.n_tiles.split(",")]
-    ws_list = [bool(int(v)) for v in args.ws.split(",")]
+    ws_list = [int(v) for v in args.ws.split(",")]
     dequant = registry.get_kernel("cuda_dequant_gemm")
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows = []
@@ -114,16 +141,15 @@ def main(argv=None) -> int:
                 for choice in cp.all_choices(max(splits_list)):
                     if (choice.k_splits not in splits_list or choice.m_tile not in m_tiles
                             or choice.n_tile not in n_tiles or choice.k_splits > k_stages
-                            or choice.warp_specialized not in ws_list):
+                            or choice.copier not in ws_list):
                         continue
                     out = torch.full((m, n), float("nan"), dtype=torch.float16, device="cuda")
-                    cp.prefill_matmul(x, weights[0][1], None, m_tile=choice.m_tile,
-                                      k_splits=choice.k_splits, n_tile=choice.n_tile,
-                                      warp_specialized=choice.warp_specialized, out=out)
+                    cp.prefill_matmul(x, weights[0][1], None, **choice.launch_args(), out=out)
                     err = _rel_err(out, ref)
                     entry = {"m_tile": choice.m_tile, "n_tile": choice.n_tile,
                              "k_splits": choice.k_splits,
                              "warp_specialized": choice.warp_specialized,
+                             "smem_dequant": choice.smem_dequant,
                              "config": choice.key + f"/{choice.k_splits}", "rel_err": err}
                     wrong = not (err <= 4e-3 and torch.isfinite(out).all())
                     if wrong:
@@ -133,9 +159,7 @@ def main(argv=None) -> int:
                     if not wrong or args.probe:
                         t = timing.time_calls(
                             [lambda p=p, c=choice:
-                             cp.prefill_matmul(x, p, None, m_tile=c.m_tile, k_splits=c.k_splits,
-                                               n_tile=c.n_tile,
-                                               warp_specialized=c.warp_specialized)
+                             cp.prefill_matmul(x, p, None, **c.launch_args())
                              for _, p in weights], device, reps=args.reps)
                         entry["us"] = t.us
                     row["configs"].append(entry)
@@ -145,6 +169,7 @@ def main(argv=None) -> int:
                                  if c["config"] == row["model_choice"]), None)
                 row["best"] = best
                 rows.append(row)
+                _write(args.json, rows, args.reps, argv, partial=True)
                 elapsed = time.time() - t_start
                 best_txt = (f"best {best['config']} {best['us']:.1f} us "
                             f"({row['fp16_us'] / best['us']:.2f}x FP16)") if best else "none ok"
@@ -156,23 +181,7 @@ def main(argv=None) -> int:
                       f"{row['fp16_us']:.1f} us, {best_txt}, {model_txt}, {dq_txt}", flush=True)
             del weights, dense
             torch.cuda.empty_cache()
-    doc = {
-        "meta": {
-            "what": "cuda_prefill launch-choice sweep (bench/cuda_prefill_bench.py)",
-            "device": torch.cuda.get_device_name(0),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "torch": torch.__version__, "cuda": torch.version.cuda,
-            "python": platform.python_version(),
-            "command": "python bench/cuda_prefill_bench.py " + " ".join(argv or sys.argv[1:]),
-            "method": "kernel-only, CUDA graph per rotated weight copies (>= 3x L2), median "
-                      f"of {args.reps} replays; FP16 = F.linear on the dequantized weight",
-            "int4_group_size": 128, "int8_group_size": -1,
-        },
-        "rows": rows,
-    }
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(doc, f, indent=1)
+    _write(args.json, rows, args.reps, argv, partial=False)
     print("\nsummary (best cuda_prefill configuration per case, x FP16):")
     for row in rows:
         b = row["best"]
