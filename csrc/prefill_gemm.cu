@@ -118,11 +118,14 @@ struct Config {
   static constexpr int kWSlots = 2;
   static constexpr int kWTileRegion = SD ? kWSlots * kWTileBytes : 0;
   static constexpr int kSmemBytes = STAGES * kStageBytes + kWTileRegion + 1024;  // + alignment
-  // setmaxnreg split of the 64K registers (WS): the copying warpgroup needs a few
+  // setmaxnreg split of the block's registers (WS): the copying warpgroup needs a few
   // registers to issue copies, more to dequantize (SD); the rest go to the accumulators.
-  static constexpr int kCopyRegs = SD ? 96 : 40;
-  static constexpr int kComputeRegs = SD ? 208 : 232;
-  static_assert(128 * kCopyRegs + 256 * kComputeRegs <= 65536, "register split too large");
+  // The pool is what the block got at launch, 168 per thread (65536 / 384 rounded down to
+  // a multiple of 8): a split above it makes setmaxnreg.inc wait forever.
+  static constexpr int kCopyRegs = SD ? 104 : 40;
+  static constexpr int kComputeRegs = SD ? 192 : 232;
+  static_assert(!WS || 128 * kCopyRegs + 256 * kComputeRegs <= 384 * 168,
+                "register split larger than the block's registers");
   static_assert(!SD || WS, "shared-memory dequantization is done by the copying warpgroup");
   static constexpr int kAccRegs = BM / 2;             // per half
   static_assert(kStageBytes % 1024 == 0, "stages must stay 1024-byte aligned (swizzle)");
