@@ -80,10 +80,7 @@ def main(argv=None) -> int:
     ap.add_argument("--splits", default="1,2,3,4")
     ap.add_argument("--m-tiles", default=",".join(map(str, cp.M_TILES)))
     ap.add_argument("--n-tiles", default=",".join(map(str, cp.N_TILES)))
-    ap.add_argument("--ws", default="0,1,2",
-                    help="copier variants: 0 (computing threads copy), 1 (a copying "
-                         "warpgroup), 2 (a copying warpgroup that also dequantizes); "
-                         "a comma-separated subset")
+    ap.add_argument("--ws", default="0,1", help="warp-specialized variants: 0, 1 or 0,1")
     ap.add_argument("--reps", type=int, default=timing.MIN_REPS)
     ap.add_argument("--no-dequant", action="store_true")
     ap.add_argument("--probe", action="store_true",
@@ -106,7 +103,7 @@ def main(argv=None) -> int:
     splits_list = [int(v) for v in args.splits.split(",")]
     m_tiles = [int(v) for v in args.m_tiles.split(",")]
     n_tiles = [int(v) for v in args.n_tiles.split(",")]
-    ws_list = [int(v) for v in args.ws.split(",")]
+    ws_list = [bool(int(v)) for v in args.ws.split(",")]
     dequant = registry.get_kernel("cuda_dequant_gemm")
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows = []
@@ -141,15 +138,16 @@ def main(argv=None) -> int:
                 for choice in cp.all_choices(max(splits_list)):
                     if (choice.k_splits not in splits_list or choice.m_tile not in m_tiles
                             or choice.n_tile not in n_tiles or choice.k_splits > k_stages
-                            or choice.copier not in ws_list):
+                            or choice.warp_specialized not in ws_list):
                         continue
                     out = torch.full((m, n), float("nan"), dtype=torch.float16, device="cuda")
-                    cp.prefill_matmul(x, weights[0][1], None, **choice.launch_args(), out=out)
+                    cp.prefill_matmul(x, weights[0][1], None, m_tile=choice.m_tile,
+                                      k_splits=choice.k_splits, n_tile=choice.n_tile,
+                                      warp_specialized=choice.warp_specialized, out=out)
                     err = _rel_err(out, ref)
                     entry = {"m_tile": choice.m_tile, "n_tile": choice.n_tile,
                              "k_splits": choice.k_splits,
                              "warp_specialized": choice.warp_specialized,
-                             "smem_dequant": choice.smem_dequant,
                              "config": choice.key + f"/{choice.k_splits}", "rel_err": err}
                     wrong = not (err <= 4e-3 and torch.isfinite(out).all())
                     if wrong:
@@ -159,7 +157,9 @@ def main(argv=None) -> int:
                     if not wrong or args.probe:
                         t = timing.time_calls(
                             [lambda p=p, c=choice:
-                             cp.prefill_matmul(x, p, None, **c.launch_args())
+                             cp.prefill_matmul(x, p, None, m_tile=c.m_tile, k_splits=c.k_splits,
+                                               n_tile=c.n_tile,
+                                               warp_specialized=c.warp_specialized)
                              for _, p in weights], device, reps=args.reps)
                         entry["us"] = t.us
                     row["configs"].append(entry)

@@ -1,6 +1,6 @@
 """Small sweep of every cuda_prefill launch configuration, for compute-sanitizer.
 
-Runs each (m_tile, n_tile, copier, k_splits) on small odd shapes, both widths
+Runs each (m_tile, n_tile, warp_specialized, k_splits) on small odd shapes, both widths
 and dtypes, symmetric / zero points / offsets, and checks each result against the
 float64 reference; prints one line per case and a final "N/N within tolerance".
 
@@ -41,7 +41,9 @@ def main(argv):
             m = choice.m_tile + 5
             x = torch.randn(m, k, generator=gen).to(dtype).cuda()
             out = torch.full((m, n), float("nan"), dtype=dtype, device="cuda")
-            cp.prefill_matmul(x, prep, None, **choice.launch_args(), out=out)
+            cp.prefill_matmul(x, prep, None, m_tile=choice.m_tile, k_splits=choice.k_splits,
+                              n_tile=choice.n_tile, warp_specialized=choice.warp_specialized,
+                              out=out)
             ref = x.double() @ ref_w.t()
             err = ((out.double() - ref).norm() / ref.norm()).item()
             good = bool(torch.isfinite(out).all()) and err <= TOLERANCE[dtype]

@@ -115,7 +115,6 @@ struct PrefillGemmParams {
   int n_tile = 128;               // channels per block tile: 128, or 256 (m_tile <= 128)
   int k_splits = 1;               // blocks per output tile along K (deterministic sum)
   bool warp_specialized = false;  // a copying warpgroup
-  bool smem_dequant = false;      // ... that also dequantizes into shared memory (needs ws)
   cudaStream_t stream = nullptr;
 };
 

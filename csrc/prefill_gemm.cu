@@ -78,8 +78,7 @@ using decode::lds128;
 using decode::Pair;
 using decode::smem_addr;
 
-template <int BITS, int BM, int NT, int STAGES, int MIN_BLOCKS, bool WS = false,
-          bool SD = false>
+template <int BITS, int BM, int NT, int STAGES, int MIN_BLOCKS, bool WS = false>
 struct Config {
   static constexpr int kBits = BITS;
   static constexpr int kBM = BM;                // tokens per block tile (wgmma n)
@@ -93,12 +92,6 @@ struct Config {
   // two computing warpgroups); without it the computing threads copy too and the
   // stages are handed over by the block barrier.
   static constexpr bool kWS = WS;
-  // SD (shared-memory dequantization, WS only): the copying warpgroup's four warps also
-  // dequantize each stage's codes into an fp16 / bf16 weight tile in shared memory (the
-  // same 128-byte-swizzled K-major layout as the x tile, kWSlots slots), and the
-  // computing warpgroups issue wgmma with both operands from shared memory ("SS"):
-  // their only work is then the tensor-core issue, as in an FP16 GEMM.
-  static constexpr bool kSD = SD;
   static constexpr int kComputeThreads = 256;   // two computing warpgroups
   static constexpr int kThreads = WS ? 384 : 256;
   // NT = 1: warpgroup g computes channels 64g..64g+63 of the n_tile (one m64 half);
@@ -114,24 +107,10 @@ struct Config {
   static constexpr int kTilePBytes = 512;             // <= 2 groups (g32) x 256 bytes
   static constexpr int kPBytes = NT * kTilePBytes;
   static constexpr int kStageBytes = kXBytes + kWBytes + 2 * kPBytes;
-  static constexpr int kWTileBytes = kBN * 128;       // kBN rows of 64 k (SD)
-  static constexpr int kWSlots = 2;
-  static constexpr int kWTileRegion = SD ? kWSlots * kWTileBytes : 0;
-  static constexpr int kSmemBytes = STAGES * kStageBytes + kWTileRegion + 1024;  // + alignment
-  // setmaxnreg split of the block's registers (WS): the copying warpgroup needs a few
-  // registers to issue copies, more to dequantize (SD); the rest go to the accumulators.
-  // The pool is what the block got at launch, 168 per thread (65536 / 384 rounded down to
-  // a multiple of 8): a split above it makes setmaxnreg.inc wait forever.
-  static constexpr int kCopyRegs = SD ? 104 : 40;
-  static constexpr int kComputeRegs = SD ? 192 : 232;
-  static_assert(!WS || 128 * kCopyRegs + 256 * kComputeRegs <= 384 * 168,
-                "register split larger than the block's registers");
-  static_assert(!SD || WS, "shared-memory dequantization is done by the copying warpgroup");
+  static constexpr int kSmemBytes = STAGES * kStageBytes + 1024;  // + alignment slack
   static constexpr int kAccRegs = BM / 2;             // per half
   static_assert(kStageBytes % 1024 == 0, "stages must stay 1024-byte aligned (swizzle)");
-  // (512 bytes left for the static shared memory: mbarriers, the split-K flag)
-  static_assert(kSmemBytes * MIN_BLOCKS <= 227 * 1024 - 512,
-                "ring too deep for the SM's shared memory");
+  static_assert(kSmemBytes * MIN_BLOCKS <= 227 * 1024, "ring too deep for the SM's shared memory");
   static_assert(WS || STAGES >= 3, "the ring keeps STAGES - 2 stages in flight");
   static_assert(NT == 1 || NT == 2, "one or two n_tiles per block");
 };
@@ -149,16 +128,6 @@ __device__ __forceinline__ uint64_t sw128_desc(uint32_t addr) {
 __device__ __forceinline__ void fence_proxy_async() {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-#endif
-}
-
-// stmatrix .x4: the warp's four 8x8 b16 matrices, held in the mma A-fragment layout
-// (register j = matrix j), to the rows whose addresses lanes 8j..8j+7 give (SD).
-__device__ __forceinline__ void stmatrix_x4(uint32_t addr, const uint32_t (&r)[4]) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(addr),
-               "r"(r[0]), "r"(r[1]), "r"(r[2]), "r"(r[3])
-               : "memory");
 #endif
 }
 
@@ -329,13 +298,16 @@ prefill_gemm_kernel(const PrefillGemmParams p, const __grid_constant__ CUtensorM
     }
   };
 
-  // Dequantize this lane's A fragments of layout slice `slice` (16 channels) of the
-  // block's n_tile t_local in the stage in `slot` into a[k16 step][4].
+  // Dequantize this lane's A fragments of the stage in `slot` for m64 half h into
+  // a[k16 step][4]: the layout slice this warp feeds is (warp & 3) + 4 h of n_tile
+  // kNT n_t + wg (kNT = 2) or slice warp of n_tile n_t (kNT = 1).
   const GroupConsts gconst = decode::group_consts<T, kBits>();
-  auto dequant_slice = [&](int slot, int t_local, int slice, uint32_t (&a)[4][4]) {
+  const int wtile_local = kNT == 2 ? wg : 0;
+  auto dequant_stage = [&](int slot, int h, uint32_t (&a)[4][4]) {
+    const int slice = kNT == 2 ? (warp & 3) + 4 * h : warp;
     const uint32_t st = smem0 + slot * Cfg::kStageBytes;
-    const uint32_t s_st = st + Cfg::kXBytes + Cfg::kWBytes + t_local * Cfg::kTilePBytes;
-    const uint32_t w_st = st + Cfg::kXBytes + t_local * Cfg::kTileWBytes;
+    const uint32_t s_st = st + Cfg::kXBytes + Cfg::kWBytes + wtile_local * Cfg::kTilePBytes;
+    const uint32_t w_st = st + Cfg::kXBytes + wtile_local * Cfg::kTileWBytes;
     const uint32_t poff = slice * 32 + (lane >> 2) * 4;
     uint4 wq[Cfg::kChunks];
 #pragma unroll
@@ -372,16 +344,11 @@ prefill_gemm_kernel(const PrefillGemmParams p, const __grid_constant__ CUtensorM
   uint32_t afrag[2][kHalves][4][4];
 
   // The four (per m64 half) wgmma of the stage in `slot`, then wait until the previous
-  // stage's have finished (so its ring slot and A registers can be reused). m64 half h
-  // of warpgroup wg is layout slice (warp & 3) + 4 h of n_tile kNT n_t + wg (kNT = 2) or
-  // slice warp of n_tile n_t (kNT = 1).
+  // stage's have finished (so its ring slot and A registers can be reused).
   auto compute_stage = [&](int slot, auto buf) {
     constexpr int kBuf = decltype(buf)::value;
 #pragma unroll
-    for (int h = 0; h < kHalves; ++h) {
-      dequant_slice(slot, kNT == 2 ? wg : 0, kNT == 2 ? (warp & 3) + 4 * h : warp,
-                    afrag[kBuf][h]);
-    }
+    for (int h = 0; h < kHalves; ++h) dequant_stage(slot, h, afrag[kBuf][h]);
     const uint64_t desc = sw128_desc(smem0 + slot * Cfg::kStageBytes);
     wgmma::fence();
 #pragma unroll
@@ -396,79 +363,19 @@ prefill_gemm_kernel(const PrefillGemmParams p, const __grid_constant__ CUtensorM
     // full[s]: the 128 copying threads arrive (cp.async.mbarrier.arrive.noinc) once their
     // copies of the stage have landed; empty[s]: the 256 computing threads arrive once
     // the wgmma that read the stage have finished.
-    // SD: wfull[w]: the 128 copying threads arrive once their part of weight tile w is
-    // written; wempty[w]: the 256 computing threads arrive once the wgmma that read it
-    // have finished.
     __shared__ __align__(8) uint64_t full_bar[kStages];
     __shared__ __align__(8) uint64_t empty_bar[kStages];
-    constexpr int kWSlots = Cfg::kSD ? Cfg::kWSlots : 1;
-    __shared__ __align__(8) uint64_t wfull_bar[kWSlots];
-    __shared__ __align__(8) uint64_t wempty_bar[kWSlots];
     if (tid == 0) {
 #pragma unroll
       for (int s = 0; s < kStages; ++s) {
         decode::mbar_init(smem_addr(&full_bar[s]), 1);  // the issuing thread's expect_tx
         decode::mbar_init(smem_addr(&empty_bar[s]), Cfg::kComputeThreads);
       }
-#pragma unroll
-      for (int w = 0; w < kWSlots; ++w) {
-        decode::mbar_init(smem_addr(&wfull_bar[w]), 128);
-        decode::mbar_init(smem_addr(&wempty_bar[w]), Cfg::kComputeThreads);
-      }
       decode::mbar_init_fence();
     }
     __syncthreads();
-    const uint32_t wtile0 = smem0 + kStages * Cfg::kStageBytes;  // SD weight tiles
-    if (Cfg::kSD && wg == 2) {  // the copying warpgroup, dequantizing too
-      setmaxnreg_dec<Cfg::kCopyRegs>();
-      const bool issuer = tid == Cfg::kComputeThreads;
-      // Stage j's copies go to the slot of stage j - kStages, which the computing warps
-      // release once their wgmma of it have finished. While dequantizing stage i, the
-      // issuer sends stage i + kStages - 2: it waits for the release of stage i - 2, which
-      // the computing warps give after issuing stage i - 1, whose tile is already written.
-      // (Sending i + kStages - 1 would wait for the release of stage i - 1, given only
-      // after the computing warps issue stage i, which waits for this very tile.)
-      if (issuer) {
-        for (int j = 0; j < kStages - 2 && j < n_stages; ++j) {
-          issue_stage(kb_begin + j, j, smem_addr(&full_bar[j]));
-        }
-      }
-      int slot = 0;
-      for (int i = 0; i < n_stages; ++i) {
-        const int wslot = i % kWSlots;
-        if (issuer && i + kStages - 2 < n_stages) {
-          const int j = i + kStages - 2;
-          const int jslot = j % kStages;
-          if (j >= kStages) decode::mbar_wait(smem_addr(&empty_bar[jslot]), ((j / kStages) - 1) & 1);
-          issue_stage(kb_begin + j, jslot, smem_addr(&full_bar[jslot]));
-        }
-        if (i >= kWSlots) decode::mbar_wait(smem_addr(&wempty_bar[wslot]), ((i / kWSlots) - 1) & 1);
-        decode::mbar_wait(smem_addr(&full_bar[slot]), (i / kStages) & 1);
-        __syncwarp();  // stmatrix is warp-collective
-        // Warp w of the four dequantizes layout slices w, w + 4, ... of the stage's 8 kNT
-        // (16 channels each) and stores each k16 step's 16 x 16 fragment with one
-        // stmatrix: row (channel) r at r * 128 bytes, its 16-byte chunk c at c ^ (r % 8).
-        const uint32_t wt = wtile0 + wslot * Cfg::kWTileBytes;
-#pragma unroll
-        for (int q = 0; q < 2 * kNT; ++q) {
-          const int s_all = (warp & 3) + 4 * q;
-          uint32_t a[4][4];
-          dequant_slice(slot, s_all >> 3, s_all & 7, a);
-          const int row = s_all * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
-#pragma unroll
-          for (int ks = 0; ks < 4; ++ks) {
-            const int chunk = 2 * ks + (lane >> 4);
-            stmatrix_x4(wt + row * 128 + ((chunk ^ (lane & 7)) << 4), a[ks]);
-          }
-        }
-        fence_proxy_async();  // the generic-proxy stores, before wgmma's async-proxy reads
-        decode::mbar_arrive(smem_addr(&wfull_bar[wslot]));
-        slot = slot + 1 == kStages ? 0 : slot + 1;
-      }
-      return;
-    }
     if (wg == 2) {  // the copying warpgroup
-      setmaxnreg_dec<Cfg::kCopyRegs>();
+      setmaxnreg_dec<40>();
       if (tid == Cfg::kComputeThreads) {
         int slot = 0;
         for (int i = 0; i < n_stages; ++i) {
@@ -479,34 +386,8 @@ prefill_gemm_kernel(const PrefillGemmParams p, const __grid_constant__ CUtensorM
       }
       return;
     }
-    setmaxnreg_inc<Cfg::kComputeRegs>();
+    setmaxnreg_inc<232>();
     int slot = 0, prev = kStages - 1;
-    if constexpr (Cfg::kSD) {
-      // Both operands in shared memory: m64 half h of warpgroup wg reads weight rows
-      // 64 (2 wg + h) (kNT = 2) or 64 wg (kNT = 1) of the stage's tile.
-      for (int i = 0; i < n_stages; ++i) {
-        const int wslot = i % kWSlots;
-        decode::mbar_wait(smem_addr(&full_bar[slot]), (i / kStages) & 1);
-        decode::mbar_wait(smem_addr(&wfull_bar[wslot]), (i / kWSlots) & 1);
-        const uint64_t desc_x = sw128_desc(smem0 + slot * Cfg::kStageBytes);
-        const uint32_t wt = wtile0 + wslot * Cfg::kWTileBytes;
-        wgmma::fence();
-#pragma unroll
-        for (int h = 0; h < kHalves; ++h) {
-          const uint64_t desc_w = sw128_desc(wt + (kNT == 2 ? 2 * wg + h : wg) * 8192);
-#pragma unroll
-          for (int ks = 0; ks < 4; ++ks) Mma::ss(acc[h], desc_w + 2 * ks, desc_x + 2 * ks);
-        }
-        wgmma::commit();
-        wgmma::wait<1>();
-        if (i >= 1) {  // stage i - 1's wgmma have finished: its ring slot and weight tile
-          decode::mbar_arrive(smem_addr(&empty_bar[prev]));
-          decode::mbar_arrive(smem_addr(&wempty_bar[(i - 1) % kWSlots]));
-        }
-        prev = slot;
-        slot = slot + 1 == kStages ? 0 : slot + 1;
-      }
-    } else {
     auto step = [&](int i, auto buf) {
       decode::mbar_wait(smem_addr(&full_bar[slot]), (i / kStages) & 1);
       // (no proxy fence: TMA and bulk copies write through the async proxy, and the
@@ -522,7 +403,6 @@ prefill_gemm_kernel(const PrefillGemmParams p, const __grid_constant__ CUtensorM
       step(i + 1, std::integral_constant<int, 1>{});
     }
     if (i < n_stages) step(i, std::integral_constant<int, 0>{});
-    }
   } else {
 #pragma unroll
     for (int s = 0; s < kStages - 2; ++s) {
@@ -712,21 +592,6 @@ cudaError_t launch_kernel(const PrefillGemmParams& p, int grid) {
 template <typename T, int BITS>
 cudaError_t launch_tile(const PrefillGemmParams& p, int grid) {
   using prefill::Config;
-  if (p.smem_dequant) {  // the dequantizing copier: two weight tiles of kBN x 64 beside the ring
-    if (p.n_tile == 256) {
-      switch (p.m_tile) {
-        case 64: return launch_kernel<T, Config<BITS, 64, 2, BITS == 4 ? 8 : 6, 1, true, true>>(p, grid);
-        case 128: return launch_kernel<T, Config<BITS, 128, 2, BITS == 4 ? 6 : 4, 1, true, true>>(p, grid);
-        default: return cudaErrorInvalidValue;
-      }
-    }
-    switch (p.m_tile) {
-      case 64: return launch_kernel<T, Config<BITS, 64, 1, BITS == 4 ? 14 : 11, 1, true, true>>(p, grid);
-      case 128: return launch_kernel<T, Config<BITS, 128, 1, BITS == 4 ? 9 : 7, 1, true, true>>(p, grid);
-      case 256: return launch_kernel<T, Config<BITS, 256, 1, BITS == 4 ? 5 : 4, 1, true, true>>(p, grid);
-      default: return cudaErrorInvalidValue;
-    }
-  }
   if (p.warp_specialized) {  // a copying warpgroup: deeper rings (no stage is held back)
     if (p.n_tile == 256) {
       switch (p.m_tile) {
@@ -783,7 +648,6 @@ cudaError_t launch_prefill_gemm(const PrefillGemmParams& p) {
       p.n_pad % 128 != 0 || p.k_pad < p.k || p.n_pad < p.n ||
       (p.m_tile != 64 && p.m_tile != 128 && p.m_tile != 256) ||
       (p.n_tile != 128 && p.n_tile != 256) || (p.n_tile == 256 && p.m_tile == 256) ||
-      (p.smem_dequant && !p.warp_specialized) ||
       p.k_splits < 1 ||
       p.k_splits > k_stages || (reinterpret_cast<uintptr_t>(p.x) & 15u) != 0 ||
       p.weight == nullptr || p.scales == nullptr || p.y == nullptr ||

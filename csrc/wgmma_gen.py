@@ -16,9 +16,8 @@ HEAD = """\
 // Wgmma<T, N>::rs(d, a, desc): D[64 x N] += A[64 x 16] * B[16 x N], fp32 accumulators,
 // A (T = fp16 / bf16) from registers in the mma.m16n8k16 A-fragment layout (warp w of the
 // warpgroup holds rows 16w..16w+15), B from shared memory through a matrix descriptor,
-// K-major (imm-trans-b = 0). Wgmma<T, N>::ss(d, desc_a, desc_b): the same product with A
-// from shared memory too (K-major, imm-trans-a = 0). The accumulator layout of warp w,
-// lane l: d[4i + e] holds row 16w + l/4 + 8 (e >> 1), column 8i + 2 (l % 4) + (e & 1).
+// K-major (imm-trans-b = 0). The accumulator layout of warp w, lane l: d[4i + e] holds
+// row 16w + l/4 + 8 (e >> 1), column 8i + 2 (l % 4) + (e & 1).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -88,20 +87,6 @@ template <> struct Wgmma<{ctype}, {n}> {{
         "{{{a}}}, {desc}, p, 1, 1, 0;\\n}}\\n"
         : {outs}
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "n"(1));
-#else
-    __trap();
-#endif
-  }}
-  __device__ __forceinline__ static void ss(float (&d)[{regs}], uint64_t desc_a,
-                                            uint64_t desc_b) {{
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    asm volatile(
-        "{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{regs + 2}, 0;\\n"
-        "wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{ptx}.{ptx} "
-        "{{{d}}}, "
-        "%{regs}, %{regs + 1}, p, 1, 1, 0, 0;\\n}}\\n"
-        : {outs}
-        : "l"(desc_a), "l"(desc_b), "n"(1));
 #else
     __trap();
 #endif

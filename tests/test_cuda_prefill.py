@@ -78,8 +78,7 @@ def test_shipped_table_is_valid_and_sourced():
     entries = cp._config()["measured"]
     assert entries, "the shipped table is empty"
     for e in entries:
-        choice = cp.TileChoice(e["m_tile"], e["k_splits"], e["n_tile"], e["warp_specialized"],
-                               e.get("smem_dequant", False))
+        choice = cp.TileChoice(e["m_tile"], e["k_splits"], e["n_tile"], e["warp_specialized"])
         assert choice.valid(), e
         assert choice.k_splits <= cd.padded_sizes(e["n"], e["k"])[1] // cp.STAGE_K, e
         path = e["source"].split(" ")[0]
@@ -158,8 +157,7 @@ def _make(n, k, bits, group_size, mode="symmetric", seed=0, act_order=False):
 
 
 def _check(qw, m, dtype, bias=False, seed=1, repeats=1, x=None, m_tile=None, k_splits=None,
-           n_tile=128, ws=0, prep=None):
-    """ws: the copier, 0 (none), 1 (a copying warpgroup), 2 (one that also dequantizes)."""
+           n_tile=128, ws=False, prep=None):
     gen = torch.Generator().manual_seed(seed)
     if x is None:
         x = torch.randn(m, qw.in_features, generator=gen).to(dtype).cuda()
@@ -169,7 +167,7 @@ def _check(qw, m, dtype, bias=False, seed=1, repeats=1, x=None, m_tile=None, k_s
     for _ in range(repeats):
         out = torch.full((m, qw.out_features), float("nan"), dtype=dtype, device="cuda")
         cp.prefill_matmul(x, prep, b, m_tile=m_tile, k_splits=k_splits, n_tile=n_tile,
-                          warp_specialized=ws >= 1, smem_dequant=ws == 2, out=out)
+                          warp_specialized=ws, out=out)
         outs.append(out)
     ref = x.double() @ qw.dequantize(torch.float64).t()
     if b is not None:
@@ -178,8 +176,7 @@ def _check(qw, m, dtype, bias=False, seed=1, repeats=1, x=None, m_tile=None, k_s
     assert torch.isfinite(out).all(), "output holds NaN/Inf (unwritten or overflow)"
     err = ((out.double() - ref).norm() / ref.norm()).item()
     assert err <= TOL[dtype], (f"M={m} N={qw.out_features} K={qw.in_features} "
-                               f"m_tile={m_tile} n_tile={n_tile} k_splits={k_splits} "
-                               f"ws={ws}: "
+                               f"m_tile={m_tile} n_tile={n_tile} k_splits={k_splits}: "
                                f"{err:.3e}")
     for other in outs[1:]:
         assert torch.equal(other, out), "results differ between runs"
@@ -213,9 +210,11 @@ def test_groups_modes_dtypes(bits, group_size, mode, dtype):
 
 
 @gpu
-@pytest.mark.parametrize("m_tile,n_tile", [(64, 128), (128, 128), (256, 128), (64, 256),
-                                           (128, 256)])
-@pytest.mark.parametrize("ws", [0, 1, 2])
+@pytest.mark.parametrize("m_tile,n_tile,ws", [(64, 128, False), (128, 128, False),
+                                              (256, 128, False), (64, 256, False),
+                                              (128, 256, False), (64, 128, True),
+                                              (64, 256, True), (128, 128, True),
+                                              (256, 128, True), (128, 256, True)])
 @pytest.mark.parametrize("k_splits", [1, 2, 3, 7])
 @pytest.mark.parametrize("bits,dtype", [(4, torch.float16), (8, torch.bfloat16),
                                         (4, torch.bfloat16), (8, torch.float16)])
@@ -238,11 +237,10 @@ def test_wide_tiles_groups_modes(bits, group_size, mode):
     prep = cd.prepare_decode(qw)
     for dtype in (torch.float16, torch.bfloat16):
         for m in (3, 200):
-            for ws in (0, 1, 2):
+            for ws in (False, True):
                 _check(qw, m, dtype, seed=m, m_tile=128, k_splits=2, n_tile=256, ws=ws,
                        prep=prep)
-            for ws in (1, 2):
-                _check(qw, m, dtype, seed=m, m_tile=256, k_splits=1, ws=ws, prep=prep)
+            _check(qw, m, dtype, seed=m, m_tile=256, k_splits=1, ws=True, prep=prep)
 
 
 @gpu
@@ -267,8 +265,8 @@ def test_act_order_and_fractional_zero(bits):
 
 
 @gpu
-@pytest.mark.parametrize("m_tile,n_tile,ws", [(128, 256, 1), (256, 128, 0), (64, 128, 1),
-                                              (128, 256, 2), (64, 128, 2)])
+@pytest.mark.parametrize("m_tile,n_tile,ws", [(128, 256, True), (256, 128, False),
+                                              (64, 128, True)])
 def test_direct_epilogue(m_tile, n_tile, ws):
     """N % 8 != 0 (and an output view starting off a 16-byte boundary): the element-wise
     epilogue instead of the staged one."""
@@ -282,7 +280,7 @@ def test_direct_epilogue(m_tile, n_tile, ws):
     buf = torch.full((150 * 264 + 4,), float("nan"), device="cuda", dtype=torch.bfloat16)
     out = buf[4:].view(150, 264)  # 8 bytes past an aligned start
     cp.prefill_matmul(x, prep, None, m_tile=m_tile, k_splits=1, n_tile=n_tile,
-                      warp_specialized=ws >= 1, smem_dequant=ws == 2, out=out)
+                      warp_specialized=ws, out=out)
     ref = x.double() @ qw.dequantize(torch.float64).t()
     err = ((out.double() - ref).norm() / ref.norm()).item()
     assert err <= TOL[torch.bfloat16] and torch.isnan(buf[:4]).all()
@@ -300,7 +298,7 @@ def test_bitwise_deterministic_with_splits():
     qw = _make(576, 13824, 4, 128, seed=7)
     prep = cd.prepare_decode(qw)
     for k_splits in (1, 4):
-        for ws in (0, 1, 2):
+        for ws in (False, True):
             _check(qw, 300, torch.float16, repeats=4, m_tile=128, k_splits=k_splits, ws=ws,
                    prep=prep)
 
@@ -343,8 +341,6 @@ def test_tile_override_checked():
         cp.prefill_matmul(x, prep, None, m_tile=64)
     with pytest.raises(ValueError, match="n_tile"):
         cp.prefill_matmul(x, prep, None, m_tile=256, k_splits=1, n_tile=256)
-    with pytest.raises(ValueError, match="smem_dequant"):
-        cp.prefill_matmul(x, prep, None, m_tile=64, k_splits=1, smem_dequant=True)
 
 
 @gpu

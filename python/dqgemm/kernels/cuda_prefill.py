@@ -5,9 +5,7 @@ csrc/prefill_gemm.cu: wgmma.mma_async with the weight dequantized in registers a
 operand (the decode layout's lane chunks are wgmma's A fragments) and x as the B operand in
 shared memory (128-byte swizzle); a ring of stages, filled either by the computing threads
 (cp.async) or by a third, copying warpgroup (``warp_specialized``: TMA and bulk copies from
-one thread), which can also dequantize the codes into an fp16 / bf16 tile in shared memory
-(``smem_dequant``) so that the computing warps only issue wgmma from shared memory, as an
-FP16 GEMM does; the output staged through shared
+one thread); the output staged through shared
 memory for 16-byte stores when N % 8 == 0; optional deterministic split-K.
 The same formats as cuda_decode: 4/8-bit codes, groups 32/64/128/256 or per-channel,
 symmetric / zero points / offsets, fp16 / bf16 activations, act-order by one gather.
@@ -17,13 +15,12 @@ built by :func:`dqgemm.kernels.cuda_decode.prepare_decode`); ``prepared_key`` ma
 kernels share one cached copy per weight.
 
 Tile choice (``m_tile`` tokens per block: 64, 128 or 256; ``n_tile`` channels per block:
-128 or 256, 256 only with m_tile <= 128; ``warp_specialized``, ``smem_dequant`` (only with
-``warp_specialized``); ``k_splits`` blocks per
+128 or 256, 256 only with m_tile <= 128; ``warp_specialized``; ``k_splits`` blocks per
 output tile along K): the configuration measured
 fastest for the layer shape (configs/cuda_prefill.json, "measured", written from the
 sweep of bench/cuda_prefill_bench.py), else a cost model over whole waves of blocks whose
 constants are data in the same file; ``prefill_matmul(..., m_tile=, k_splits=, n_tile=,
-warp_specialized=, smem_dequant=)`` overrides both.
+warp_specialized=)`` overrides both.
 
 Constraints: compute capability 9.0 and an extension built for sm_90a (the default
 DQGEMM_CUDA_ARCHS "80;90a"), fp16/bf16 activations, K % 8 == 0. Workspaces are cuda_decode's
@@ -63,39 +60,25 @@ class TileChoice:
     k_splits: int
     n_tile: int = 128
     warp_specialized: bool = False   # a copying warpgroup
-    smem_dequant: bool = False       # ... that also dequantizes into shared memory
 
     def valid(self) -> bool:
         return (self.m_tile in M_TILES and self.n_tile in N_TILES and self.k_splits >= 1
-                and not (self.n_tile == 256 and self.m_tile == 256)
-                and (self.warp_specialized or not self.smem_dequant))
-
-    @property
-    def copier(self) -> int:
-        """0: the computing threads copy; 1: a copying warpgroup; 2: one that also
-        dequantizes (the values of bench/cuda_prefill_bench.py --ws)."""
-        return 2 if self.smem_dequant else int(self.warp_specialized)
+                and not (self.n_tile == 256 and self.m_tile == 256))
 
     @property
     def key(self) -> str:
-        """Readable name, e.g. '128x256ws' (m_tile x n_tile, ws = warp-specialized,
-        wsd = warp-specialized with shared-memory dequantization)."""
-        return f"{self.m_tile}x{self.n_tile}{('', 'ws', 'wsd')[self.copier]}"
-
-    def launch_args(self) -> Dict[str, object]:
-        """The keyword arguments of :func:`prefill_matmul` that select this configuration."""
-        return {"m_tile": self.m_tile, "k_splits": self.k_splits, "n_tile": self.n_tile,
-                "warp_specialized": self.warp_specialized, "smem_dequant": self.smem_dequant}
+        """Readable name, e.g. '128x256ws' (m_tile x n_tile, ws = warp-specialized)."""
+        return f"{self.m_tile}x{self.n_tile}{'ws' if self.warp_specialized else ''}"
 
 
 def all_choices(max_splits: int):
     """Every launch configuration with at most ``max_splits`` k splits."""
     out = []
-    for ws, sd in ((False, False), (True, False), (True, True)):
+    for ws in (False, True):
         for n_tile in N_TILES:
             for m_tile in M_TILES:
                 for splits in range(1, max_splits + 1):
-                    choice = TileChoice(m_tile, splits, n_tile, ws, sd)
+                    choice = TileChoice(m_tile, splits, n_tile, ws)
                     if choice.valid():
                         out.append(choice)
     return out
@@ -136,8 +119,7 @@ def measured_choice(m: int, n: int, k: int, bits: int) -> Optional[Tuple[float, 
         if best is None or distance < best[0]:
             best = (distance, TileChoice(int(entry["m_tile"]), int(entry["k_splits"]),
                                          int(entry["n_tile"]),
-                                         bool(entry.get("warp_specialized", False)),
-                                         bool(entry.get("smem_dequant", False))))
+                                         bool(entry.get("warp_specialized", False))))
     return best
 
 
@@ -156,12 +138,11 @@ def choose_tile(m: int, n: int, k: int, sms: int, bits: int = 4) -> TileChoice:
 def prefill_matmul(x: torch.Tensor, prepared: DecodePrepared, bias: Optional[torch.Tensor],
                    m_tile: Optional[int] = None, k_splits: Optional[int] = None,
                    n_tile: int = 128, warp_specialized: bool = False,
-                   smem_dequant: bool = False,
                    out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """y = x @ W^T (+ bias) with the Hopper prefill kernel. x: [M, K] fp16/bf16 on the
-    weight's device; ``m_tile`` / ``k_splits`` (both or neither), ``n_tile``,
-    ``warp_specialized`` and ``smem_dequant`` override :func:`choose_tile`; ``out`` is an
-    optional contiguous [M, N] result buffer of x's dtype (tests poison it)."""
+    weight's device; ``m_tile`` / ``k_splits`` (both or neither), ``n_tile`` and
+    ``warp_specialized`` override :func:`choose_tile`; ``out`` is an optional contiguous [M, N] result buffer of x's
+    dtype (tests poison it)."""
     ext = _ext.extension()
     if ext is None:
         raise RuntimeError(f"dqgemm CUDA extension {_ext.extension_error()}")
@@ -189,11 +170,7 @@ def prefill_matmul(x: torch.Tensor, prepared: DecodePrepared, bias: Optional[tor
         if not isinstance(k_splits, int) or not 1 <= k_splits <= k_pad // STAGE_K:
             raise ValueError(f"k_splits: expected an int in 1..{k_pad // STAGE_K}, got "
                              f"{k_splits!r}")
-        choice = TileChoice(m_tile, k_splits, n_tile, bool(warp_specialized),
-                            bool(smem_dequant))
-        if choice.smem_dequant and not choice.warp_specialized:
-            raise ValueError("smem_dequant: expected False without warp_specialized=True "
-                             "(the copying warpgroup dequantizes), got True")
+        choice = TileChoice(m_tile, k_splits, n_tile, bool(warp_specialized))
         if not choice.valid():  # m_tile and k_splits are checked: the width is wrong
             raise ValueError(f"n_tile: expected one of {N_TILES} (256 only with m_tile <= "
                              f"128), got {n_tile!r} with m_tile={m_tile}")
@@ -215,8 +192,7 @@ def prefill_matmul(x: torch.Tensor, prepared: DecodePrepared, bias: Optional[tor
         bits=prepared.bits, dtype=_ext.dtype_code(x.dtype, "x"),
         zero_mode=_ext.ZERO_MODE_CODES[prepared.zero_mode], m_tile=choice.m_tile,
         n_tile=choice.n_tile, k_splits=choice.k_splits,
-        warp_specialized=choice.warp_specialized, smem_dequant=choice.smem_dequant,
-        stream=stream)
+        warp_specialized=choice.warp_specialized, stream=stream)
     return y
 
 
