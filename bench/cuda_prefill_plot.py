@@ -1,10 +1,13 @@
 """Plots cuda_prefill sweeps: best configuration's speedup over FP16 against M, per shape.
 
-    python bench/cuda_prefill_plot.py OUT.png LABEL=SWEEP.json [LABEL=SWEEP.json ...] [--bits 4]
+    python bench/cuda_prefill_plot.py OUT.png LABEL=SWEEP.json[,SWEEP2.json][@SUFFIX] [...]
+                                      [--bits 4]
 
-Each LABEL=file is one version's sweep (bench/cuda_prefill_bench.py --json); a file may
-hold several bit widths, --bits picks one. One panel per layer shape, one line per
-version, a dashed line at 1.0 (FP16 of the same run).
+Each LABEL=file is one version's sweep (bench/cuda_prefill_bench.py --json; several files
+joined by commas: one sweep run in parts); a file may hold several bit widths, --bits picks
+one. With @SUFFIX only the configurations whose tile name ends with SUFFIX count (e.g. @ws,
+@wsd: two variants timed in one sweep); "best" is then the fastest of those. One panel per
+layer shape, one line per version, a dashed line at 1.0 (FP16 of the same run).
 """
 
 import argparse
@@ -28,14 +31,22 @@ def main(argv=None) -> int:
         if "=" not in item:
             ap.error(f"sweeps: expected LABEL=PATH, got {item!r}")
         label, path = item.split("=", 1)
-        with open(path) as f:
-            doc = json.load(f)
+        paths, _, suffix = path.partition("@")
+        docs = []
+        for one in paths.split(","):
+            with open(one) as f:
+                docs.append(json.load(f))
+        doc = docs[0]
         points = {}
-        for row in doc["rows"]:
-            if row["bits"] != args.bits or not row.get("best"):
+        for row in (r for d in docs for r in d["rows"]):
+            if row["bits"] != args.bits:
+                continue
+            timed = [c["us"] for c in row.get("configs", []) if c.get("us")
+                     and (not suffix or c["config"].split("/")[0].endswith(suffix))]
+            if not timed:
                 continue
             points.setdefault((row["k"], row["n"]), []).append(
-                (row["m"], row["fp16_us"] / row["best"]["us"]))
+                (row["m"], row["fp16_us"] / min(timed)))
         series.append((label, points, doc["meta"]["device"]))
     shapes = sorted({s for _, pts, _ in series for s in pts})
     if not shapes:
