@@ -84,8 +84,9 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=timing.MIN_REPS)
     ap.add_argument("--no-dequant", action="store_true")
     ap.add_argument("--probe", action="store_true",
-                    help="time configurations whose output is wrong too (builds with "
-                         "DQGEMM_PREFILL_PROBE, csrc/prefill_gemm.cu); marked probe")
+                    help="time configurations whose output is wrong too (probe builds that "
+                         "skip work on purpose: bench/gpu_check.sh PREFILL_VARIANTS); "
+                         "marked probe")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():

@@ -229,7 +229,8 @@ done
 
 # PREFILL_VARIANTS="name=-DFLAG,-DFLAG2 name2=base ...": the same for cuda_prefill, timed by
 # bench/cuda_prefill_bench.py --probe $PREFILL_VARIANT_ARGS into prefill_variant_<name>.json
-# (probe builds, DQGEMM_PREFILL_PROBE, give wrong results on purpose: timed anyway).
+# (probe builds, made with a macro of the tree under test, may give wrong results on
+# purpose: timed anyway).
 for spec in ${PREFILL_VARIANTS:-}; do
   name=${spec%%=*}; flags=${spec#*=}
   [ "$flags" = "base" ] && flags=""

@@ -274,14 +274,18 @@ prefill_gemm_kernel(const PrefillGemmParams p, const __grid_constant__ CUtensorM
   const uint8_t* __restrict__ w_all = static_cast<const uint8_t*>(p.weight);
   const bool has_zo = mode != static_cast<int>(ZeroMode::kSymmetric);
   const uint32_t p_bytes = two_groups ? 512u : 256u;
+  // The bytes that complete a stage's "full" mbarrier, the same for every stage: the x
+  // tile, and the codes and group parameters of each of the block's n_tiles that exists.
+  uint32_t stage_tx_bytes = Cfg::kXBytes;
+#pragma unroll
+  for (int t = 0; t < kNT; ++t) {
+    if (n_t * kNT + t < n_tiles) stage_tx_bytes += Cfg::kTileWBytes + p_bytes * (has_zo ? 2u : 1u);
+  }
   auto issue_stage = [&](int kb, int slot, uint32_t bar) {
     const uint32_t st = smem0 + slot * Cfg::kStageBytes;
     const int64_t k0 = static_cast<int64_t>(kb) * Cfg::kBK;
     const int64_t g0 = k0 >> gs_log2;
-    uint32_t tiles = 0;
-#pragma unroll
-    for (int t = 0; t < kNT; ++t) tiles += n_t * kNT + t < n_tiles ? 1u : 0u;
-    mbar_arrive_expect_tx(bar, Cfg::kXBytes + tiles * (Cfg::kTileWBytes + p_bytes * (has_zo ? 2u : 1u)));
+    mbar_arrive_expect_tx(bar, stage_tx_bytes);
     tma_load_2d(st, &x_map, static_cast<int>(k0), static_cast<int>(m0), bar);
 #pragma unroll
     for (int t = 0; t < kNT; ++t) {
@@ -359,6 +363,17 @@ prefill_gemm_kernel(const PrefillGemmParams p, const __grid_constant__ CUtensorM
     wgmma::wait<1>();
   };
 
+  // step(i, buffer) for every stage i of this block, unrolled by two so that the A
+  // registers' set (buffer 0 / 1) is a compile-time constant in each call.
+  auto for_each_stage = [&](auto&& step) {
+    int i = 0;
+    for (; i + 1 < n_stages; i += 2) {
+      step(i, std::integral_constant<int, 0>{});
+      step(i + 1, std::integral_constant<int, 1>{});
+    }
+    if (i < n_stages) step(i, std::integral_constant<int, 0>{});
+  };
+
   if constexpr (Cfg::kWS) {
     // full[s]: the 128 copying threads arrive (cp.async.mbarrier.arrive.noinc) once their
     // copies of the stage have landed; empty[s]: the 256 computing threads arrive once
@@ -397,12 +412,7 @@ prefill_gemm_kernel(const PrefillGemmParams p, const __grid_constant__ CUtensorM
       prev = slot;
       slot = slot + 1 == kStages ? 0 : slot + 1;
     };
-    int i = 0;
-    for (; i + 1 < n_stages; i += 2) {
-      step(i, std::integral_constant<int, 0>{});
-      step(i + 1, std::integral_constant<int, 1>{});
-    }
-    if (i < n_stages) step(i, std::integral_constant<int, 0>{});
+    for_each_stage(step);
   } else {
 #pragma unroll
     for (int s = 0; s < kStages - 2; ++s) {
@@ -424,12 +434,7 @@ prefill_gemm_kernel(const PrefillGemmParams p, const __grid_constant__ CUtensorM
       compute_stage(slot, buf);
       slot = slot + 1 == kStages ? 0 : slot + 1;
     };
-    int i = 0;
-    for (; i + 1 < n_stages; i += 2) {
-      step(i, std::integral_constant<int, 0>{});
-      step(i + 1, std::integral_constant<int, 1>{});
-    }
-    if (i < n_stages) step(i, std::integral_constant<int, 0>{});
+    for_each_stage(step);
   }
   wgmma::wait<0>();
 #pragma unroll
