@@ -1,6 +1,7 @@
 """Kernel-only sweep of cuda_prefill (csrc/prefill_gemm.cu) over its launch choices.
 
-For each layer shape and M it times every (m_tile, k_splits) the kernel offers, the choice
+For each layer shape and M it times every (m_tile, n_tile, warp_specialized, k_splits or
+stream-K) the kernel offers, the choice
 of the cost model (configs/cuda_prefill.json), FP16 cuBLAS (F.linear) and, unless
 --no-dequant, "dequantize then cuBLAS" (the kernel cuda_dequant_gemm), all in the same run
 with the suite's method (dqgemm.bench.timing: CUDA graph of one call per rotated weight copy,
@@ -11,7 +12,7 @@ The sweep is the data the cost model's constants are fitted to.
 
 Usage: python bench/cuda_prefill_bench.py [--shapes llama3-8b,llama3-70b] [--m 256,1024,4096]
            [--bits 4,8] [--splits 1,2,3,4] [--m-tiles 64,128,256]
-           [--n-tiles 128,256] [--json PATH]
+           [--n-tiles 128,256] [--ws 0,1] [--stream-k 0,1] [--json PATH]
 """
 
 from __future__ import annotations
@@ -81,6 +82,8 @@ def main(argv=None) -> int:
     ap.add_argument("--m-tiles", default=",".join(map(str, cp.M_TILES)))
     ap.add_argument("--n-tiles", default=",".join(map(str, cp.N_TILES)))
     ap.add_argument("--ws", default="0,1", help="warp-specialized variants: 0, 1 or 0,1")
+    ap.add_argument("--stream-k", default="0,1",
+                    help="stream-K variants of the warp-specialized tiles: 0, 1 or 0,1")
     ap.add_argument("--reps", type=int, default=timing.MIN_REPS)
     ap.add_argument("--no-dequant", action="store_true")
     ap.add_argument("--probe", action="store_true",
@@ -105,6 +108,7 @@ def main(argv=None) -> int:
     m_tiles = [int(v) for v in args.m_tiles.split(",")]
     n_tiles = [int(v) for v in args.n_tiles.split(",")]
     ws_list = [bool(int(v)) for v in args.ws.split(",")]
+    sk_list = [bool(int(v)) for v in args.stream_k.split(",")]
     dequant = registry.get_kernel("cuda_dequant_gemm")
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows = []
@@ -134,22 +138,25 @@ def main(argv=None) -> int:
                     row["dequant_cublas_us"] = t.us
                     del preps
                 model = cp.choose_tile(m, n, k, sms, bits)
-                row["model_choice"] = model.key + f"/{model.k_splits}"
+                row["model_choice"] = model.label
                 k_stages = cd.padded_sizes(n, k)[1] // cp.STAGE_K
                 for choice in cp.all_choices(max(splits_list)):
                     if (choice.k_splits not in splits_list or choice.m_tile not in m_tiles
                             or choice.n_tile not in n_tiles or choice.k_splits > k_stages
-                            or choice.warp_specialized not in ws_list):
+                            or choice.warp_specialized not in ws_list
+                            or choice.stream_k not in sk_list):
                         continue
                     out = torch.full((m, n), float("nan"), dtype=torch.float16, device="cuda")
                     cp.prefill_matmul(x, weights[0][1], None, m_tile=choice.m_tile,
                                       k_splits=choice.k_splits, n_tile=choice.n_tile,
-                                      warp_specialized=choice.warp_specialized, out=out)
+                                      warp_specialized=choice.warp_specialized,
+                                      stream_k=choice.stream_k, out=out)
                     err = _rel_err(out, ref)
                     entry = {"m_tile": choice.m_tile, "n_tile": choice.n_tile,
                              "k_splits": choice.k_splits,
                              "warp_specialized": choice.warp_specialized,
-                             "config": choice.key + f"/{choice.k_splits}", "rel_err": err}
+                             "stream_k": choice.stream_k,
+                             "config": choice.label, "rel_err": err}
                     wrong = not (err <= 4e-3 and torch.isfinite(out).all())
                     if wrong:
                         entry["not_ok"] = f"relative error {err:.3e}"
@@ -160,7 +167,8 @@ def main(argv=None) -> int:
                             [lambda p=p, c=choice:
                              cp.prefill_matmul(x, p, None, m_tile=c.m_tile, k_splits=c.k_splits,
                                                n_tile=c.n_tile,
-                                               warp_specialized=c.warp_specialized)
+                                               warp_specialized=c.warp_specialized,
+                                               stream_k=c.stream_k)
                              for _, p in weights], device, reps=args.reps)
                         entry["us"] = t.us
                     row["configs"].append(entry)

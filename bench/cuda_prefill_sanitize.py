@@ -1,6 +1,7 @@
 """Small sweep of every cuda_prefill launch configuration, for compute-sanitizer.
 
-Runs each (m_tile, n_tile, warp_specialized, k_splits) on small odd shapes, both widths
+Runs each (m_tile, n_tile, warp_specialized, k_splits or stream-K) on small odd shapes
+(stream-K over 7 blocks, so that blocks span several tiles), both widths
 and dtypes, symmetric / zero points / offsets, and checks each result against the
 float64 reference; prints one line per case and a final "N/N within tolerance".
 
@@ -43,13 +44,14 @@ def main(argv):
             out = torch.full((m, n), float("nan"), dtype=dtype, device="cuda")
             cp.prefill_matmul(x, prep, None, m_tile=choice.m_tile, k_splits=choice.k_splits,
                               n_tile=choice.n_tile, warp_specialized=choice.warp_specialized,
-                              out=out)
+                              stream_k=choice.stream_k,
+                              stream_k_blocks=7 if choice.stream_k else None, out=out)
             ref = x.double() @ ref_w.t()
             err = ((out.double() - ref).norm() / ref.norm()).item()
             good = bool(torch.isfinite(out).all()) and err <= TOLERANCE[dtype]
             cases += 1
             ok += good
-            print(f"INT{bits} {dtype} {mode} {choice.key}/{choice.k_splits} M={m}: "
+            print(f"INT{bits} {dtype} {mode} {choice.label} M={m}: "
                   f"{err:.2e} {'ok' if good else 'NOT OK'}", flush=True)
     print(f"{ok}/{cases} within tolerance")
     return 0 if ok == cases else 1

@@ -35,13 +35,15 @@ def main(argv=None) -> int:
                 "m_tile": best["m_tile"], "n_tile": best.get("n_tile", 128),
                 "k_splits": best["k_splits"],
                 "warp_specialized": bool(best.get("warp_specialized", False)),
+                "stream_k": bool(best.get("stream_k", False)),
                 "us": round(best["us"], 1), "fp16_us": round(row["fp16_us"], 1),
                 "source": f"bench/results/{os.path.basename(path)} ({doc['meta']['device']})",
             }
     entries = [table[k] for k in sorted(table)]
     for e in entries:
         print(f"INT{e['bits']} {e['k']}x{e['n']} M={e['m']}: {e['m_tile']}x{e['n_tile']}"
-              f"{'ws' if e['warp_specialized'] else ''}/{e['k_splits']} {e['us']} us "
+              f"{'ws' if e['warp_specialized'] else ''}/"
+              f"{'sk' if e['stream_k'] else e['k_splits']} {e['us']} us "
               f"({e['fp16_us'] / e['us']:.2f}x FP16)")
     if args.write:
         with open(CONFIG) as f:

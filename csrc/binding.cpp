@@ -104,7 +104,7 @@ void prefill_gemm(uintptr_t x, uintptr_t weight, uintptr_t scales, uintptr_t zo,
                   int64_t m, int64_t n, int64_t k, int64_t n_pad, int64_t k_pad,
                   int64_t groups_padded, int group_size_log2, int bits, int dtype,
                   int zero_mode, int m_tile, int n_tile, int k_splits, bool warp_specialized,
-                  uintptr_t stream) {
+                  int stream_k_blocks, uintptr_t stream) {
   dqgemm::PrefillGemmParams p;
   p.x = as_ptr<const void>(x);
   p.weight = as_ptr<const void>(weight);
@@ -128,6 +128,7 @@ void prefill_gemm(uintptr_t x, uintptr_t weight, uintptr_t scales, uintptr_t zo,
   p.n_tile = n_tile;
   p.k_splits = k_splits;
   p.warp_specialized = warp_specialized;
+  p.stream_k_blocks = stream_k_blocks;
   p.stream = as_ptr<CUstream_st>(stream);
   check(dqgemm::launch_prefill_gemm(p), "prefill_gemm");
 }
@@ -157,7 +158,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("m"), py::arg("n"), py::arg("k"), py::arg("n_pad"), py::arg("k_pad"),
         py::arg("groups_padded"), py::arg("group_size_log2"), py::arg("bits"), py::arg("dtype"),
         py::arg("zero_mode"), py::arg("m_tile"), py::arg("n_tile"), py::arg("k_splits"),
-        py::arg("warp_specialized"), py::arg("stream"),
+        py::arg("warp_specialized"), py::arg("stream_k_blocks"), py::arg("stream"),
         "Prefill GEMM (sm_90a wgmma, any M) on a cuda_decode-packed weight; see "
         "csrc/prefill_gemm.cu.");
   m.def("runtime_version", &runtime_version, "CUDA runtime version this module links.");

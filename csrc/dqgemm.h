@@ -99,8 +99,10 @@ struct PrefillGemmParams {
   const void* zo = nullptr;
   const void* bias = nullptr;     // dtype [N] or null
   void* y = nullptr;              // dtype [M, N] row-major
-  float* workspace = nullptr;     // k_splits > 1: >= grid * m_tile * n_tile floats
-  int32_t* counters = nullptr;    // k_splits > 1: int32 [tiles], all 0 on entry; left 0
+  float* workspace = nullptr;     // k_splits > 1: >= grid * m_tile * n_tile floats;
+                                  // stream-K: >= 2 * stream_k_blocks * m_tile * n_tile
+  int32_t* counters = nullptr;    // k_splits > 1 or stream-K: int32 [tiles], all 0 on
+                                  // entry; left 0
   int64_t m = 0;
   int64_t n = 0;
   int64_t k = 0;
@@ -115,6 +117,10 @@ struct PrefillGemmParams {
   int n_tile = 128;               // channels per block tile: 128, or 256 (m_tile <= 128)
   int k_splits = 1;               // blocks per output tile along K (deterministic sum)
   bool warp_specialized = false;  // a copying warpgroup
+  // > 0: stream-K over this many blocks (warp_specialized and k_splits = 1 only): every
+  // block takes an equal share of the (tile, k stage) units; partial tiles are summed
+  // deterministically (csrc/prefill_gemm.cu).
+  int stream_k_blocks = 0;
   cudaStream_t stream = nullptr;
 };
 

@@ -49,7 +49,12 @@
 // a column are neighbours in launch order (they share the weight through L2). With
 // k_splits > 1 every block writes fp32 partial sums to its workspace slot and the last of a
 // tile's blocks to arrive (an atomic counter, reset by it) sums all slots in split order:
-// bitwise reproducible, no memset, CUDA-graph safe.
+// bitwise reproducible, no memset, CUDA-graph safe. Stream-K (warp-specialized only,
+// PrefillGemmParams::stream_k_blocks): a grid of about one block per SM, each block a
+// contiguous, equal share of the (tile, 64-k stage) units, so a layer with few tiles (80
+// tiles of 256x128 on 132 SMs) or a partial last wave keeps every SM busy; the tiles a
+// block finishes only in part are summed by the same counter scheme (the output of a
+// stream-K block is not staged through shared memory: the ring is still in use).
 //
 // Constraints (checked by the launcher): sm_90a build, K % 8 == 0, x 16-byte aligned,
 // m_tile in {64, 128, 256}, n_tile 128 or 256 (256 only with m_tile <= 128: registers),
@@ -210,6 +215,8 @@ prefill_gemm_kernel(const PrefillGemmParams p, const __grid_constant__ CUtensorM
   const int kb_begin = static_cast<int>(static_cast<int64_t>(split) * k_stages / splits);
   const int kb_end = static_cast<int>(static_cast<int64_t>(split + 1) * k_stages / splits);
   const int n_stages = kb_end - kb_begin;
+  // Output tiles (stream-K): m tiles x block columns of kNT n_tiles.
+  const int64_t sk_tiles = m_tiles * ((n_tiles + kNT - 1) / kNT);
   const int gs_log2 = p.group_size_log2;
   const int mode = static_cast<int>(p.zero_mode);
   const bool two_groups = gs_log2 == 5;  // g32: two groups per 64-k stage
@@ -276,20 +283,26 @@ prefill_gemm_kernel(const PrefillGemmParams p, const __grid_constant__ CUtensorM
   const uint32_t p_bytes = two_groups ? 512u : 256u;
   // The bytes that complete a stage's "full" mbarrier, the same for every stage: the x
   // tile, and the codes and group parameters of each of the block's n_tiles that exists.
-  uint32_t stage_tx_bytes = Cfg::kXBytes;
+  // (Per block column: the last column of an odd n_tile count with kNT = 2 has one n_tile.)
+  auto stage_tx_bytes_of = [&](int64_t col) {
+    uint32_t bytes = Cfg::kXBytes;
 #pragma unroll
-  for (int t = 0; t < kNT; ++t) {
-    if (n_t * kNT + t < n_tiles) stage_tx_bytes += Cfg::kTileWBytes + p_bytes * (has_zo ? 2u : 1u);
-  }
-  auto issue_stage = [&](int kb, int slot, uint32_t bar) {
+    for (int t = 0; t < kNT; ++t) {
+      if (col * kNT + t < n_tiles) bytes += Cfg::kTileWBytes + p_bytes * (has_zo ? 2u : 1u);
+    }
+    return bytes;
+  };
+  // k stage kb of the output tile at tokens m0_.. and block column col, into ring slot `slot`.
+  auto issue_stage = [&](int kb, int slot, uint32_t bar, int64_t m0_, int64_t col,
+                         uint32_t tx_bytes) {
     const uint32_t st = smem0 + slot * Cfg::kStageBytes;
     const int64_t k0 = static_cast<int64_t>(kb) * Cfg::kBK;
     const int64_t g0 = k0 >> gs_log2;
-    mbar_arrive_expect_tx(bar, stage_tx_bytes);
-    tma_load_2d(st, &x_map, static_cast<int>(k0), static_cast<int>(m0), bar);
+    mbar_arrive_expect_tx(bar, tx_bytes);
+    tma_load_2d(st, &x_map, static_cast<int>(k0), static_cast<int>(m0_), bar);
 #pragma unroll
     for (int t = 0; t < kNT; ++t) {
-      const int64_t nt = n_t * kNT + t;
+      const int64_t nt = col * kNT + t;
       if (nt < n_tiles) {
         bulk_load(st + Cfg::kXBytes + t * Cfg::kTileWBytes,
                   w_all + nt * tile_wbytes + static_cast<int64_t>(kb) * Cfg::kTileWBytes,
@@ -365,19 +378,128 @@ prefill_gemm_kernel(const PrefillGemmParams p, const __grid_constant__ CUtensorM
 
   // step(i, buffer) for every stage i of this block, unrolled by two so that the A
   // registers' set (buffer 0 / 1) is a compile-time constant in each call.
-  auto for_each_stage = [&](auto&& step) {
+  auto for_each_stage = [&](int count, auto&& step) {
     int i = 0;
-    for (; i + 1 < n_stages; i += 2) {
+    for (; i + 1 < count; i += 2) {
       step(i, std::integral_constant<int, 0>{});
       step(i + 1, std::integral_constant<int, 1>{});
     }
-    if (i < n_stages) step(i, std::integral_constant<int, 0>{});
+    if (i < count) step(i, std::integral_constant<int, 0>{});
+  };
+
+  // ---- Output of one finished tile (rows m0_.. of block column col): in m64 half h,
+  // element (row 16 (warp & 3) + lane / 4 + 8 (e >> 1), token 8 j + 2 (lane % 4) + (e & 1))
+  // of the warpgroup's rows x tokens is acc[h][4 j + e]. A thread's two tokens are N
+  // elements apart in y, so with `staged` (N % 8 == 0 and the ring no longer in use) the
+  // tile goes through shared memory first and leaves as 16-byte row chunks.
+  const T* bias = static_cast<const T*>(p.bias);
+  T* y = static_cast<T*>(p.y);
+  const int64_t n_out = p.n;
+  constexpr int kPitch = Cfg::kBN + 8;     // elements per staged token row (+16 bytes: banks)
+  static_assert(kBM * kPitch * 2 <= kStages * Cfg::kStageBytes, "staged tile must fit the ring");
+  T* tile_s = reinterpret_cast<T*>(smem_raw + (smem0 - smem_addr(smem_raw)));
+  auto store_output = [&](int64_t m0_, int64_t col, bool staged) {
+    const int64_t n_block = col * Cfg::kBN;  // the block's first channel
+    if (staged) compute_sync();  // every warp is done reading the ring
+#pragma unroll
+    for (int h = 0; h < kHalves; ++h) {
+      const int64_t n_row = kNT == 2
+          ? (col * 2 + wg) * 128 + h * 64 + (warp & 3) * 16 + (lane >> 2)
+          : col * 128 + warp * 16 + (lane >> 2);
+      float b[2] = {0.f, 0.f};
+      if (bias != nullptr) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          if (n_row + 8 * r < n_out) b[r] = P::to_float(bias[n_row + 8 * r]);
+        }
+      }
+      const int c_loc = static_cast<int>(n_row - n_block);
+#pragma unroll
+      for (int j = 0; j < kBM / 8; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int t_loc = 8 * j + 2 * (lane & 3) + (e & 1);
+          const T v = P::from_float(acc[h][4 * j + e] + b[e >> 1]);
+          if (staged) {
+            tile_s[t_loc * kPitch + c_loc + 8 * (e >> 1)] = v;
+          } else {
+            const int64_t m = m0_ + t_loc;
+            const int64_t n = n_row + 8 * (e >> 1);
+            if (m < m_rows && n < n_out) y[m * n_out + n] = v;
+          }
+        }
+      }
+    }
+    if (staged) {
+      compute_sync();
+      constexpr int kRowChunks = Cfg::kBN / 8;
+#pragma unroll 4
+      for (int c = tid; c < kBM * kRowChunks; c += Cfg::kComputeThreads) {
+        const int row = c / kRowChunks;
+        const int cc = c - row * kRowChunks;
+        const int64_t m = m0_ + row;
+        const int64_t n = n_block + cc * 8;
+        if (m < m_rows && n < n_out) {
+          *reinterpret_cast<uint4*>(y + m * n_out + n) =
+              *reinterpret_cast<const uint4*>(tile_s + row * kPitch + cc * 8);
+        }
+      }
+    }
+  };
+
+  // ---- Partial sums of a tile (split K and stream-K): fp32 slots of the workspace,
+  // thread-major (slot_floats = m_tile x n_tile), so a reducing block reads them back
+  // into the same registers. count_in stores this block's partial in `slot_index`,
+  // counts in on the tile's counter and returns true in the block that arrived last
+  // (`contributors` blocks in all), which resets the counter for the next launch.
+  constexpr int kRegs = kHalves * kAcc;
+  const int64_t slot_floats = static_cast<int64_t>(kRegs) * Cfg::kComputeThreads;
+  auto count_in = [&](int64_t slot_index, int64_t counter, int contributors) {
+    float* mine = p.workspace + slot_index * slot_floats + tid;
+#pragma unroll
+    for (int h = 0; h < kHalves; ++h)
+#pragma unroll
+      for (int r = 0; r < kAcc; ++r) __stcg(mine + (h * kAcc + r) * Cfg::kComputeThreads, acc[h][r]);
+    __threadfence();
+    compute_sync();
+    if (tid == 0) {
+      const int arrived = atomicAdd(p.counters + counter, 1);
+      s_last = arrived == contributors - 1;
+      if (s_last) p.counters[counter] = 0;  // all have counted: ready for the next launch
+    }
+    compute_sync();
+    const bool last = s_last;
+    if (last) __threadfence();
+    return last;
+  };
+  // acc = slot (add = false) or acc += slot (add = true): the reducing block sums the
+  // slots in a fixed order.
+  auto read_slot = [&](int64_t slot_index, auto add) {
+    const float* slot = p.workspace + slot_index * slot_floats + tid;
+#pragma unroll
+    for (int h = 0; h < kHalves; ++h)
+#pragma unroll
+      for (int r = 0; r < kAcc; ++r) {
+        const float v = __ldcg(slot + (h * kAcc + r) * Cfg::kComputeThreads);
+        if constexpr (decltype(add)::value) {
+          acc[h][r] += v;
+        } else {
+          acc[h][r] = v;
+        }
+      }
+  };
+  const std::false_type kLoad{};
+  const std::true_type kAdd{};
+  auto finish_accumulators = [&]() {
+    wgmma::wait<0>();
+#pragma unroll
+    for (int h = 0; h < kHalves; ++h) wgmma::fence_operands(acc[h]);
   };
 
   if constexpr (Cfg::kWS) {
-    // full[s]: the 128 copying threads arrive (cp.async.mbarrier.arrive.noinc) once their
-    // copies of the stage have landed; empty[s]: the 256 computing threads arrive once
-    // the wgmma that read the stage have finished.
+    // full[s]: completed by the bytes of the copies the issuing thread counted on it
+    // (expect_tx); empty[s]: the 256 computing threads arrive once the wgmma that read
+    // the stage have finished.
     __shared__ __align__(8) uint64_t full_bar[kStages];
     __shared__ __align__(8) uint64_t empty_bar[kStages];
     if (tid == 0) {
@@ -389,30 +511,96 @@ prefill_gemm_kernel(const PrefillGemmParams p, const __grid_constant__ CUtensorM
       decode::mbar_init_fence();
     }
     __syncthreads();
+    // Stream-K (p.stream_k_blocks > 0, k_splits = 1): the units (tile, k stage), tile
+    // major, are cut into gridDim.x contiguous ranges of equal size (+-1), one per block,
+    // so every SM gets the same share of the work whatever the tile count. A block's range
+    // is a run of segments, one per tile it touches: a segment over the whole K stores y
+    // itself; the others store partial sums (slot 2 b for the block's first segment,
+    // 2 b + 1 for its last) and the tile's last block to arrive sums its contributors'
+    // slots in block order (bitwise reproducible) and stores y.
+    const bool stream_k = p.stream_k_blocks > 0;
+    const int64_t sk_units = static_cast<int64_t>(sk_tiles) * k_stages;
+    const int64_t u_begin =
+        stream_k ? decode::first_unit_of_block(blockIdx.x, sk_units, gridDim.x) : 0;
+    const int64_t u_end =
+        stream_k ? decode::first_unit_of_block(blockIdx.x + 1, sk_units, gridDim.x) : 0;
     if (wg == 2) {  // the copying warpgroup
       setmaxnreg_dec<40>();
       if (tid == Cfg::kComputeThreads) {
         int slot = 0;
-        for (int i = 0; i < n_stages; ++i) {
+        auto produce = [&](int i, int kb, int64_t m0_, int64_t col, uint32_t tx_bytes) {
           if (i >= kStages) decode::mbar_wait(smem_addr(&empty_bar[slot]), ((i / kStages) - 1) & 1);
-          issue_stage(kb_begin + i, slot, smem_addr(&full_bar[slot]));
+          issue_stage(kb, slot, smem_addr(&full_bar[slot]), m0_, col, tx_bytes);
           slot = slot + 1 == kStages ? 0 : slot + 1;
+        };
+        if (stream_k) {
+          int64_t t = u_begin / k_stages;  // cursor: tile t, k stage kb
+          int kb = static_cast<int>(u_begin - t * k_stages);
+          int64_t col = t / m_tiles;
+          uint32_t tx_bytes = stage_tx_bytes_of(col);
+          for (int i = 0; i < static_cast<int>(u_end - u_begin); ++i) {
+            produce(i, kb, (t - col * m_tiles) * kBM, col, tx_bytes);
+            if (++kb == k_stages) {
+              kb = 0;
+              ++t;
+              col = t / m_tiles;
+              tx_bytes = stage_tx_bytes_of(col);
+            }
+          }
+        } else {
+          const uint32_t tx_bytes = stage_tx_bytes_of(n_t);
+          for (int i = 0; i < n_stages; ++i) produce(i, kb_begin + i, m0, n_t, tx_bytes);
         }
       }
       return;
     }
     setmaxnreg_inc<232>();
-    int slot = 0, prev = kStages - 1;
-    auto step = [&](int i, auto buf) {
-      decode::mbar_wait(smem_addr(&full_bar[slot]), (i / kStages) & 1);
+    int slot = 0, prev = kStages - 1, done = 0;  // done: stages computed by this block
+    auto step = [&](int, auto buf) {
+      decode::mbar_wait(smem_addr(&full_bar[slot]), (done / kStages) & 1);
       // (no proxy fence: TMA and bulk copies write through the async proxy, and the
       // mbarrier's completion makes them visible to the generic-proxy reads too)
       compute_stage(slot, buf);
-      if (i >= 1) decode::mbar_arrive(smem_addr(&empty_bar[prev]));  // stage i - 1 is read
+      if (done >= 1) decode::mbar_arrive(smem_addr(&empty_bar[prev]));  // the previous stage is read
       prev = slot;
       slot = slot + 1 == kStages ? 0 : slot + 1;
+      ++done;
     };
-    for_each_stage(step);
+    if (stream_k) {
+      for (int64_t u = u_begin; u < u_end;) {
+        const int64_t t = u / k_stages;
+        const int kb0 = static_cast<int>(u - t * k_stages);
+        const int count = static_cast<int>(min(static_cast<int64_t>(k_stages - kb0), u_end - u));
+        for_each_stage(count, step);
+        finish_accumulators();
+        const int64_t col = t / m_tiles;
+        const int64_t m0_ = (t - col * m_tiles) * kBM;
+        bool store = kb0 == 0 && count == k_stages;  // the whole K: no partial sums
+        if (!store) {
+          const int b_first = decode::block_of_unit(t * k_stages, sk_units, gridDim.x);
+          const int b_last = decode::block_of_unit(t * k_stages + k_stages - 1, sk_units, gridDim.x);
+          store = count_in(2 * static_cast<int64_t>(blockIdx.x) + (u == u_begin ? 0 : 1), t,
+                           b_last - b_first + 1);
+          if (store) {
+            // Block b > b_first starts inside this tile: its first segment (slot 2 b).
+            // b_first's segment is its first only if it starts at the tile's first unit.
+            const bool starts_here =
+                decode::first_unit_of_block(b_first, sk_units, gridDim.x) == t * k_stages;
+            read_slot(2 * static_cast<int64_t>(b_first) + (starts_here ? 0 : 1), kLoad);
+            for (int b = b_first + 1; b <= b_last; ++b) read_slot(2 * static_cast<int64_t>(b), kAdd);
+          }
+        }
+        // The ring may already hold the next segment's stages: no staging through it.
+        if (store) store_output(m0_, col, false);
+#pragma unroll
+        for (int h = 0; h < kHalves; ++h)
+#pragma unroll
+          for (int i = 0; i < kAcc; ++i) acc[h][i] = 0.f;
+        u += count;
+      }
+      return;
+    }
+    for_each_stage(n_stages, step);
   } else {
 #pragma unroll
     for (int s = 0; s < kStages - 2; ++s) {
@@ -434,105 +622,19 @@ prefill_gemm_kernel(const PrefillGemmParams p, const __grid_constant__ CUtensorM
       compute_stage(slot, buf);
       slot = slot + 1 == kStages ? 0 : slot + 1;
     };
-    for_each_stage(step);
+    for_each_stage(n_stages, step);
   }
-  wgmma::wait<0>();
-#pragma unroll
-  for (int h = 0; h < kHalves; ++h) wgmma::fence_operands(acc[h]);
+  finish_accumulators();
   cp_async_wait<0>();
 
-  // Split K: partial sums to this block's slot (thread-major, so the reducing block reads
-  // them back into the same registers), count in; the last block sums all slots in order.
+  // Split K: every block stores its partial sums and counts in; the last of the tile's
+  // blocks to arrive sums all slots in split order.
   if (splits > 1) {
-    float* ws = p.workspace;
-    constexpr int kRegs = kHalves * kAcc;
-    const int64_t slot_floats = static_cast<int64_t>(kRegs) * Cfg::kComputeThreads;
-    float* mine = ws + blockIdx.x * slot_floats + tid;
-#pragma unroll
-    for (int h = 0; h < kHalves; ++h)
-#pragma unroll
-      for (int r = 0; r < kAcc; ++r) __stcg(mine + (h * kAcc + r) * Cfg::kComputeThreads, acc[h][r]);
-    __threadfence();
-    compute_sync();
-    if (tid == 0) {
-      const int arrived = atomicAdd(p.counters + tile, 1);
-      s_last = arrived == splits - 1;
-      if (s_last) p.counters[tile] = 0;  // all have counted: ready for the next launch
-    }
-    compute_sync();
-    if (!s_last) return;
-    __threadfence();
-    const float* first = ws + static_cast<int64_t>(tile) * splits * slot_floats + tid;
-#pragma unroll
-    for (int h = 0; h < kHalves; ++h)
-#pragma unroll
-      for (int r = 0; r < kAcc; ++r) acc[h][r] = __ldcg(first + (h * kAcc + r) * Cfg::kComputeThreads);
-    for (int s = 1; s < splits; ++s) {
-#pragma unroll
-      for (int h = 0; h < kHalves; ++h)
-#pragma unroll
-        for (int r = 0; r < kAcc; ++r)
-          acc[h][r] += __ldcg(first + s * slot_floats + (h * kAcc + r) * Cfg::kComputeThreads);
-    }
+    if (!count_in(blockIdx.x, tile, splits)) return;
+    read_slot(static_cast<int64_t>(tile) * splits, kLoad);
+    for (int s = 1; s < splits; ++s) read_slot(static_cast<int64_t>(tile) * splits + s, kAdd);
   }
-
-  // Epilogue: in m64 half h, element (row 16 (warp & 3) + lane / 4 + 8 (e >> 1), token
-  // 8 j + 2 (lane % 4) + (e & 1)) of the warpgroup's rows x tokens is acc[h][4 j + e].
-  // A thread's two tokens are N elements apart in y, so when N % 8 == 0 the tile goes
-  // through shared memory first (the ring is free now) and leaves as 16-byte row chunks.
-  const T* bias = static_cast<const T*>(p.bias);
-  T* y = static_cast<T*>(p.y);
-  const int64_t n_out = p.n;
-  const int64_t n_block = n_t * Cfg::kBN;  // the block's first channel
-  const bool staged = (n_out & 7) == 0 && (reinterpret_cast<uintptr_t>(y) & 15u) == 0;
-  constexpr int kPitch = Cfg::kBN + 8;     // elements per staged token row (+16 bytes: banks)
-  static_assert(kBM * kPitch * 2 <= kStages * Cfg::kStageBytes, "staged tile must fit the ring");
-  T* tile_s = reinterpret_cast<T*>(smem_raw + (smem0 - smem_addr(smem_raw)));
-  if (staged) compute_sync();  // every warp is done reading the ring
-#pragma unroll
-  for (int h = 0; h < kHalves; ++h) {
-    const int64_t n_row = kNT == 2
-        ? (n_t * 2 + wg) * 128 + h * 64 + (warp & 3) * 16 + (lane >> 2)
-        : n_t * 128 + warp * 16 + (lane >> 2);
-    float b[2] = {0.f, 0.f};
-    if (bias != nullptr) {
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        if (n_row + 8 * r < n_out) b[r] = P::to_float(bias[n_row + 8 * r]);
-      }
-    }
-    const int c_loc = static_cast<int>(n_row - n_block);
-#pragma unroll
-    for (int j = 0; j < kBM / 8; ++j) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int t_loc = 8 * j + 2 * (lane & 3) + (e & 1);
-        const T v = P::from_float(acc[h][4 * j + e] + b[e >> 1]);
-        if (staged) {
-          tile_s[t_loc * kPitch + c_loc + 8 * (e >> 1)] = v;
-        } else {
-          const int64_t m = m0 + t_loc;
-          const int64_t n = n_row + 8 * (e >> 1);
-          if (m < m_rows && n < n_out) y[m * n_out + n] = v;
-        }
-      }
-    }
-  }
-  if (staged) {
-    compute_sync();
-    constexpr int kRowChunks = Cfg::kBN / 8;
-#pragma unroll 4
-    for (int c = tid; c < kBM * kRowChunks; c += Cfg::kComputeThreads) {
-      const int row = c / kRowChunks;
-      const int cc = c - row * kRowChunks;
-      const int64_t m = m0 + row;
-      const int64_t n = n_block + cc * 8;
-      if (m < m_rows && n < n_out) {
-        *reinterpret_cast<uint4*>(y + m * n_out + n) =
-            *reinterpret_cast<const uint4*>(tile_s + row * kPitch + cc * 8);
-      }
-    }
-  }
+  store_output(m0, n_t, (n_out & 7) == 0 && (reinterpret_cast<uintptr_t>(y) & 15u) == 0);
 #else
   __trap();  // not an sm_90a build: the launcher refuses before this can run
 #endif
@@ -656,13 +758,18 @@ cudaError_t launch_prefill_gemm(const PrefillGemmParams& p) {
       p.k_splits < 1 ||
       p.k_splits > k_stages || (reinterpret_cast<uintptr_t>(p.x) & 15u) != 0 ||
       p.weight == nullptr || p.scales == nullptr || p.y == nullptr ||
-      (p.k_splits > 1 && (p.workspace == nullptr || p.counters == nullptr)) ||
+      ((p.k_splits > 1 || p.stream_k_blocks > 0) &&
+       (p.workspace == nullptr || p.counters == nullptr)) ||
+      p.stream_k_blocks < 0 ||
+      (p.stream_k_blocks > 0 && (!p.warp_specialized || p.k_splits != 1)) ||
       (p.zero_mode != ZeroMode::kSymmetric && p.zo == nullptr)) {
     return cudaErrorInvalidValue;
   }
   const int64_t tiles =
       ((p.n_pad + p.n_tile - 1) / p.n_tile) * ((p.m + p.m_tile - 1) / p.m_tile);
-  const int64_t grid = tiles * p.k_splits;
+  // stream-K: at most one block per unit (every block's range is non-empty)
+  if (p.stream_k_blocks > tiles * k_stages) return cudaErrorInvalidValue;
+  const int64_t grid = p.stream_k_blocks > 0 ? p.stream_k_blocks : tiles * p.k_splits;
   if (grid > 0x7FFFFFFF) return cudaErrorInvalidValue;
   if (!prefill_gemm_compiled()) return cudaErrorNotSupported;
   const int g = static_cast<int>(grid);

@@ -37,7 +37,8 @@ def test_model_choice_is_cheapest(m, monkeypatch):
     cp.choose_tile.cache_clear()
     try:
         choice = cp.choose_tile(m, 4096, 14336, 132)
-        for other in cp.all_choices(4):
+        model = cp._config()["cost_model"]
+        for other in cp.all_choices(4, stream_k="stream_k_penalty" in model):
             assert (cp.estimate_cost(m, 4096, 14336, choice, 132)
                     <= cp.estimate_cost(m, 4096, 14336, other, 132))
     finally:
@@ -78,7 +79,8 @@ def test_shipped_table_is_valid_and_sourced():
     entries = cp._config()["measured"]
     assert entries, "the shipped table is empty"
     for e in entries:
-        choice = cp.TileChoice(e["m_tile"], e["k_splits"], e["n_tile"], e["warp_specialized"])
+        choice = cp.TileChoice(e["m_tile"], e["k_splits"], e["n_tile"], e["warp_specialized"],
+                               e.get("stream_k", False))
         assert choice.valid(), e
         assert choice.k_splits <= cd.padded_sizes(e["n"], e["k"])[1] // cp.STAGE_K, e
         path = e["source"].split(" ")[0]
@@ -87,6 +89,33 @@ def test_shipped_table_is_valid_and_sourced():
     model = cp._config()["cost_model"]
     for choice in cp.all_choices(1):
         assert choice.key in model["blocks_per_sm"] and choice.key in model["relative_cost"]
+
+
+def test_stream_k_choices_and_cost():
+    sk = [c for c in cp.all_choices(2) if c.stream_k]
+    # one stream-K variant per warp-specialized tile, all with one k split
+    assert sorted(c.key for c in sk) == sorted(c.key for c in cp.all_choices(1, stream_k=False)
+                                              if c.warp_specialized)
+    assert all(c.k_splits == 1 and c.valid() and c.label.endswith("/sk") for c in sk)
+    assert not cp.TileChoice(128, 1, 128, False, stream_k=True).valid()
+    assert not cp.TileChoice(128, 2, 128, True, stream_k=True).valid()
+    assert cp.TileChoice(128, 2, 128, True).label == "128x128ws/2"
+    assert not any(c.stream_k for c in cp.all_choices(2, stream_k=False))
+    # grid: one block per SM, never more blocks than (tile, k stage) units
+    choice = cp.TileChoice(256, 1, 128, True, stream_k=True)
+    assert cp.stream_k_grid(256, 10240, 8192, choice, 132) == 132
+    assert cp.stream_k_grid(1, 128, 128, choice, 132) == 2   # 1 tile x 2 k stages
+
+
+def test_stream_k_cost_has_no_wave_quantization(monkeypatch):
+    """80 tiles on 132 SMs: the waves model charges a whole wave, stream-K 80/132 of one
+    (plus its penalty)."""
+    monkeypatch.setitem(cp._config()["cost_model"], "stream_k_penalty", 0.1)
+    dp = cp.TileChoice(256, 1, 128, True)
+    sk = cp.TileChoice(256, 1, 128, True, stream_k=True)
+    ratio = (cp.estimate_cost(256, 10240, 8192, sk, 132)
+             / cp.estimate_cost(256, 10240, 8192, dp, 132))
+    assert ratio == pytest.approx(1.1 * 80 / 132, rel=0.02)
 
 
 def _problem(**kw):
@@ -157,7 +186,7 @@ def _make(n, k, bits, group_size, mode="symmetric", seed=0, act_order=False):
 
 
 def _check(qw, m, dtype, bias=False, seed=1, repeats=1, x=None, m_tile=None, k_splits=None,
-           n_tile=128, ws=False, prep=None):
+           n_tile=128, ws=False, prep=None, stream_k=False, stream_k_blocks=None):
     gen = torch.Generator().manual_seed(seed)
     if x is None:
         x = torch.randn(m, qw.in_features, generator=gen).to(dtype).cuda()
@@ -167,7 +196,8 @@ def _check(qw, m, dtype, bias=False, seed=1, repeats=1, x=None, m_tile=None, k_s
     for _ in range(repeats):
         out = torch.full((m, qw.out_features), float("nan"), dtype=dtype, device="cuda")
         cp.prefill_matmul(x, prep, b, m_tile=m_tile, k_splits=k_splits, n_tile=n_tile,
-                          warp_specialized=ws, out=out)
+                          warp_specialized=ws, stream_k=stream_k,
+                          stream_k_blocks=stream_k_blocks, out=out)
         outs.append(out)
     ref = x.double() @ qw.dequantize(torch.float64).t()
     if b is not None:
@@ -176,7 +206,8 @@ def _check(qw, m, dtype, bias=False, seed=1, repeats=1, x=None, m_tile=None, k_s
     assert torch.isfinite(out).all(), "output holds NaN/Inf (unwritten or overflow)"
     err = ((out.double() - ref).norm() / ref.norm()).item()
     assert err <= TOL[dtype], (f"M={m} N={qw.out_features} K={qw.in_features} "
-                               f"m_tile={m_tile} n_tile={n_tile} k_splits={k_splits}: "
+                               f"m_tile={m_tile} n_tile={n_tile} k_splits={k_splits} "
+                               f"stream_k={stream_k}/{stream_k_blocks}: "
                                f"{err:.3e}")
     for other in outs[1:]:
         assert torch.equal(other, out), "results differ between runs"
@@ -226,6 +257,41 @@ def test_every_tile_and_split(m_tile, n_tile, ws, k_splits, bits, dtype):
     for m in (1, m_tile - 1, m_tile + 3, 2 * m_tile + 1):
         _check(qw, m, dtype, seed=m, m_tile=m_tile, k_splits=k_splits, n_tile=n_tile, ws=ws,
                repeats=2, prep=prep, bias=m == 1)
+
+
+@gpu
+@pytest.mark.parametrize("m_tile,n_tile", [(64, 128), (64, 256), (128, 128), (256, 128),
+                                           (128, 256)])
+@pytest.mark.parametrize("bits,dtype", [(4, torch.float16), (8, torch.bfloat16),
+                                        (4, torch.bfloat16), (8, torch.float16)])
+def test_stream_k(m_tile, n_tile, bits, dtype):
+    """Stream-K with block counts that make blocks start and end inside tiles and span
+    several (3, 7, 11, one per SM, one per unit), odd M; repeated runs bitwise equal."""
+    # N = 384: three n_tiles (a half-empty last block column at n_tile 256); K = 2304:
+    # 36 k stages
+    qw = _make(384, 2304, bits, 64, "zero_points", seed=m_tile + n_tile + bits)
+    prep = cd.prepare_decode(qw)
+    for m in (1, m_tile + 3, 2 * m_tile + 1):
+        tiles = -(-384 // n_tile) * -(-m // m_tile)
+        for blocks in (3, 7, 11, None, tiles * 36):
+            _check(qw, m, dtype, seed=m, m_tile=m_tile, k_splits=1, n_tile=n_tile, ws=True,
+                   stream_k=True, stream_k_blocks=blocks, repeats=2, prep=prep,
+                   bias=m == 1)
+
+
+@gpu
+@pytest.mark.parametrize("mode", ["symmetric", "offsets"])
+@pytest.mark.parametrize("group_size", [32, -1])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_stream_k_groups_modes_and_direct_epilogue(bits, group_size, mode):
+    qw = _make(203, 1536, bits, group_size, mode, seed=group_size + 23)  # N % 8 != 0
+    prep = cd.prepare_decode(qw)
+    for dtype in (torch.float16, torch.bfloat16):
+        for m in (3, 300):
+            _check(qw, m, dtype, seed=m, m_tile=128, k_splits=1, n_tile=256, ws=True,
+                   stream_k=True, stream_k_blocks=5, prep=prep, bias=True)
+            _check(qw, m, dtype, seed=m, m_tile=256, k_splits=1, ws=True, stream_k=True,
+                   prep=prep)
 
 
 @gpu
@@ -304,11 +370,14 @@ def test_bitwise_deterministic_with_splits():
 
 
 @gpu
-def test_counters_left_at_zero_and_graph_replay():
+@pytest.mark.parametrize("launch", [dict(m_tile=128, k_splits=3),
+                                    dict(m_tile=256, k_splits=1, warp_specialized=True,
+                                         stream_k=True)])
+def test_counters_left_at_zero_and_graph_replay(launch):
     qw = _make(1536, 6144, 4, 128, seed=9)
     prep = cd.prepare_decode(qw)
     x = torch.randn(200, 6144, device="cuda", dtype=torch.float16)
-    eager = cp.prefill_matmul(x, prep, None, m_tile=128, k_splits=3)
+    eager = cp.prefill_matmul(x, prep, None, **launch)
     torch.cuda.synchronize()
     for _, counters in cd._WORKSPACES.values():
         assert int(counters.abs().sum()) == 0
@@ -316,10 +385,10 @@ def test_counters_left_at_zero_and_graph_replay():
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        cp.prefill_matmul(x, prep, None, m_tile=128, k_splits=3, out=static_out)
+        cp.prefill_matmul(x, prep, None, out=static_out, **launch)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, stream=stream):
-            cp.prefill_matmul(x, prep, None, m_tile=128, k_splits=3, out=static_out)
+            cp.prefill_matmul(x, prep, None, out=static_out, **launch)
     torch.cuda.current_stream().wait_stream(stream)
     for _ in range(3):
         static_out.fill_(float("nan"))
@@ -341,6 +410,17 @@ def test_tile_override_checked():
         cp.prefill_matmul(x, prep, None, m_tile=64)
     with pytest.raises(ValueError, match="n_tile"):
         cp.prefill_matmul(x, prep, None, m_tile=256, k_splits=1, n_tile=256)
+    with pytest.raises(ValueError, match="stream_k: needs warp_specialized"):
+        cp.prefill_matmul(x, prep, None, m_tile=64, k_splits=2, warp_specialized=True,
+                          stream_k=True)
+    with pytest.raises(ValueError, match="stream_k: needs warp_specialized"):
+        cp.prefill_matmul(x, prep, None, m_tile=64, k_splits=1, stream_k=True)
+    # 2 n_tiles x 1 m tile x 8 k stages = 16 units
+    with pytest.raises(ValueError, match=r"stream_k_blocks: expected an int in 1\.\.16"):
+        cp.prefill_matmul(x, prep, None, m_tile=64, k_splits=1, warp_specialized=True,
+                          stream_k=True, stream_k_blocks=17)
+    with pytest.raises(ValueError, match="stream_k_blocks"):
+        cp.prefill_matmul(x, prep, None, m_tile=64, k_splits=1, stream_k_blocks=4)
 
 
 @gpu
