@@ -53,8 +53,9 @@
 // PrefillGemmParams::stream_k_blocks): a grid of about one block per SM, each block a
 // contiguous, equal share of the (tile, 64-k stage) units, so a layer with few tiles (80
 // tiles of 256x128 on 132 SMs) or a partial last wave keeps every SM busy; the tiles a
-// block finishes only in part are summed by the same counter scheme (the output of a
-// stream-K block is not staged through shared memory: the ring is still in use).
+// block finishes only in part are summed by the same counter scheme (a stream-K block
+// stages its output through shared memory only after its last segment: before, the ring
+// is still in use).
 //
 // Constraints (checked by the launcher): sm_90a build, K % 8 == 0, x 16-byte aligned,
 // m_tile in {64, 128, 256}, n_tile 128 or 256 (256 only with m_tile <= 128: registers),
@@ -398,6 +399,7 @@ prefill_gemm_kernel(const PrefillGemmParams p, const __grid_constant__ CUtensorM
   constexpr int kPitch = Cfg::kBN + 8;     // elements per staged token row (+16 bytes: banks)
   static_assert(kBM * kPitch * 2 <= kStages * Cfg::kStageBytes, "staged tile must fit the ring");
   T* tile_s = reinterpret_cast<T*>(smem_raw + (smem0 - smem_addr(smem_raw)));
+  const bool staged_ok = (n_out & 7) == 0 && (reinterpret_cast<uintptr_t>(y) & 15u) == 0;
   auto store_output = [&](int64_t m0_, int64_t col, bool staged) {
     const int64_t n_block = col * Cfg::kBN;  // the block's first channel
     if (staged) compute_sync();  // every warp is done reading the ring
@@ -590,8 +592,9 @@ prefill_gemm_kernel(const PrefillGemmParams p, const __grid_constant__ CUtensorM
             for (int b = b_first + 1; b <= b_last; ++b) read_slot(2 * static_cast<int64_t>(b), kAdd);
           }
         }
-        // The ring may already hold the next segment's stages: no staging through it.
-        if (store) store_output(m0_, col, false);
+        // Staged through the ring only after the block's last segment: before it, the
+        // ring may already hold the next segment's stages.
+        if (store) store_output(m0_, col, staged_ok && u + count == u_end);
 #pragma unroll
         for (int h = 0; h < kHalves; ++h)
 #pragma unroll
@@ -634,7 +637,7 @@ prefill_gemm_kernel(const PrefillGemmParams p, const __grid_constant__ CUtensorM
     read_slot(static_cast<int64_t>(tile) * splits, kLoad);
     for (int s = 1; s < splits; ++s) read_slot(static_cast<int64_t>(tile) * splits + s, kAdd);
   }
-  store_output(m0, n_t, (n_out & 7) == 0 && (reinterpret_cast<uintptr_t>(y) & 15u) == 0);
+  store_output(m0, n_t, staged_ok);
 #else
   __trap();  // not an sm_90a build: the launcher refuses before this can run
 #endif
