@@ -53,9 +53,8 @@
 // PrefillGemmParams::stream_k_blocks): a grid of about one block per SM, each block a
 // contiguous, equal share of the (tile, 64-k stage) units, so a layer with few tiles (80
 // tiles of 256x128 on 132 SMs) or a partial last wave keeps every SM busy; the tiles a
-// block finishes only in part are summed by the same counter scheme (a stream-K block
-// stages its output through shared memory only after its last segment: before, the ring
-// is still in use).
+// block finishes only in part are summed by the same counter scheme (the output of a
+// stream-K block is not staged through shared memory: the ring is still in use).
 //
 // Constraints (checked by the launcher): sm_90a build, K % 8 == 0, x 16-byte aligned,
 // m_tile in {64, 128, 256}, n_tile 128 or 256 (256 only with m_tile <= 128: registers),
@@ -98,6 +97,9 @@ struct Config {
   // two computing warpgroups); without it the computing threads copy too and the
   // stages are handed over by the block barrier.
   static constexpr bool kWS = WS;
+  // A stream-K instantiation (the copying warpgroup is needed; 128 x 256 channels has no
+  // registers left for it: see prefill_gemm_kernel).
+  static constexpr bool kHasStreamK = WS && !(BM == 128 && NT == 2);
   static constexpr int kComputeThreads = 256;   // two computing warpgroups
   static constexpr int kThreads = WS ? 384 : 256;
   // NT = 1: warpgroup g computes channels 64g..64g+63 of the n_tile (one m64 half);
@@ -186,10 +188,16 @@ __device__ __forceinline__ void setmaxnreg_inc() {
 #endif
 }
 
-template <typename T, typename Cfg>
+// kStreamK: the stream-K partition (warp-specialized configurations only). A separate
+// instantiation, so that the other kernels keep their register allocation: with the
+// stream-K loop in the same function the 128x256ws kernels lost their wgmma pipelining
+// (ptxas C7512: too few registers within the 168 that 384 threads leave). For the same
+// reason 128x256ws has no stream-K instantiation (Config::kHasStreamK).
+template <typename T, typename Cfg, bool kStreamK = false>
 __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
 prefill_gemm_kernel(const PrefillGemmParams p, const __grid_constant__ CUtensorMap x_map) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  static_assert(!kStreamK || Cfg::kHasStreamK, "no stream-K instantiation for this tile");
   using P = Pair<T>;
   using Mma = wgmma::Wgmma<T, Cfg::kBM>;
   constexpr int kBM = Cfg::kBM, kStages = Cfg::kStages, kBits = Cfg::kBits;
@@ -520,12 +528,11 @@ prefill_gemm_kernel(const PrefillGemmParams p, const __grid_constant__ CUtensorM
     // itself; the others store partial sums (slot 2 b for the block's first segment,
     // 2 b + 1 for its last) and the tile's last block to arrive sums its contributors'
     // slots in block order (bitwise reproducible) and stores y.
-    const bool stream_k = p.stream_k_blocks > 0;
     const int64_t sk_units = static_cast<int64_t>(sk_tiles) * k_stages;
     const int64_t u_begin =
-        stream_k ? decode::first_unit_of_block(blockIdx.x, sk_units, gridDim.x) : 0;
+        kStreamK ? decode::first_unit_of_block(blockIdx.x, sk_units, gridDim.x) : 0;
     const int64_t u_end =
-        stream_k ? decode::first_unit_of_block(blockIdx.x + 1, sk_units, gridDim.x) : 0;
+        kStreamK ? decode::first_unit_of_block(blockIdx.x + 1, sk_units, gridDim.x) : 0;
     if (wg == 2) {  // the copying warpgroup
       setmaxnreg_dec<40>();
       if (tid == Cfg::kComputeThreads) {
@@ -535,7 +542,7 @@ prefill_gemm_kernel(const PrefillGemmParams p, const __grid_constant__ CUtensorM
           issue_stage(kb, slot, smem_addr(&full_bar[slot]), m0_, col, tx_bytes);
           slot = slot + 1 == kStages ? 0 : slot + 1;
         };
-        if (stream_k) {
+        if constexpr (kStreamK) {
           int64_t t = u_begin / k_stages;  // cursor: tile t, k stage kb
           int kb = static_cast<int>(u_begin - t * k_stages);
           int64_t col = t / m_tiles;
@@ -568,7 +575,7 @@ prefill_gemm_kernel(const PrefillGemmParams p, const __grid_constant__ CUtensorM
       slot = slot + 1 == kStages ? 0 : slot + 1;
       ++done;
     };
-    if (stream_k) {
+    if constexpr (kStreamK) {
       for (int64_t u = u_begin; u < u_end;) {
         const int64_t t = u / k_stages;
         const int kb0 = static_cast<int>(u - t * k_stages);
@@ -592,9 +599,11 @@ prefill_gemm_kernel(const PrefillGemmParams p, const __grid_constant__ CUtensorM
             for (int b = b_first + 1; b <= b_last; ++b) read_slot(2 * static_cast<int64_t>(b), kAdd);
           }
         }
-        // Staged through the ring only after the block's last segment: before it, the
-        // ring may already hold the next segment's stages.
-        if (store) store_output(m0_, col, staged_ok && u + count == u_end);
+        // Not staged through shared memory: the ring may already hold the next segment's
+        // stages. (Staging the block's last segment, when the ring is idle, was measured
+        // 1.07-1.6x slower: the staged code in this loop costs the 168-register budget of
+        // the whole kernel spills and worse scheduling; bench/results/NOTES.md.)
+        if (store) store_output(m0_, col, false);
 #pragma unroll
         for (int h = 0; h < kHalves; ++h)
 #pragma unroll
@@ -682,9 +691,9 @@ cudaError_t encode_x_map(const PrefillGemmParams& p, CUtensorMap* map) {
   return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
 }
 
-template <typename T, typename Cfg>
-cudaError_t launch_kernel(const PrefillGemmParams& p, int grid) {
-  auto kernel = prefill::prefill_gemm_kernel<T, Cfg>;
+template <typename T, typename Cfg, bool kStreamK>
+cudaError_t launch_instance(const PrefillGemmParams& p, int grid) {
+  auto kernel = prefill::prefill_gemm_kernel<T, Cfg, kStreamK>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          Cfg::kSmemBytes);
   if (err != cudaSuccess) return err;
@@ -695,6 +704,15 @@ cudaError_t launch_kernel(const PrefillGemmParams& p, int grid) {
   }
   kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, p.stream>>>(p, x_map);
   return cudaGetLastError();
+}
+
+template <typename T, typename Cfg>
+cudaError_t launch_kernel(const PrefillGemmParams& p, int grid) {
+  if constexpr (Cfg::kHasStreamK) {
+    if (p.stream_k_blocks > 0) return launch_instance<T, Cfg, true>(p, grid);
+  }
+  if (p.stream_k_blocks > 0) return cudaErrorInvalidValue;
+  return launch_instance<T, Cfg, false>(p, grid);
 }
 
 // Ring depth per token tile: the deepest ring with which kMinBlocks blocks fit in the SM's

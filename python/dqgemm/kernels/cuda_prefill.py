@@ -67,7 +67,8 @@ class TileChoice:
     def valid(self) -> bool:
         return (self.m_tile in M_TILES and self.n_tile in N_TILES and self.k_splits >= 1
                 and not (self.n_tile == 256 and self.m_tile == 256)
-                and (not self.stream_k or (self.warp_specialized and self.k_splits == 1)))
+                and (not self.stream_k or (self.warp_specialized and self.k_splits == 1
+                                           and (self.m_tile, self.n_tile) != (128, 256))))
 
     @property
     def key(self) -> str:
@@ -207,6 +208,9 @@ def prefill_matmul(x: torch.Tensor, prepared: DecodePrepared, bias: Optional[tor
         if stream_k and not (warp_specialized and k_splits == 1):
             raise ValueError(f"stream_k: needs warp_specialized=True and k_splits=1, got "
                              f"warp_specialized={warp_specialized!r}, k_splits={k_splits!r}")
+        if stream_k and (m_tile, n_tile) == (128, 256):
+            raise ValueError("stream_k: not available with m_tile=128, n_tile=256 (no registers "
+                             "left for it in that kernel), got m_tile=128, n_tile=256")
         if not choice.valid():  # m_tile and k_splits are checked: the width is wrong
             raise ValueError(f"n_tile: expected one of {N_TILES} (256 only with m_tile <= "
                              f"128), got {n_tile!r} with m_tile={m_tile}")
