@@ -118,9 +118,8 @@ struct PrefillGemmParams {
   int k_splits = 1;               // blocks per output tile along K (deterministic sum)
   bool warp_specialized = false;  // a copying warpgroup
   // > 0: stream-K over this many blocks (warp_specialized and k_splits = 1 only, not
-  // m_tile 128 with n_tile 256): every
-  // block takes an equal share of the (tile, k stage) units; partial tiles are summed
-  // deterministically (csrc/prefill_gemm.cu).
+  // m_tile 128 with n_tile 256): every block takes an equal share of the (tile, k stage)
+  // units; partial tiles are summed deterministically (csrc/prefill_gemm.cu).
   int stream_k_blocks = 0;
   cudaStream_t stream = nullptr;
 };

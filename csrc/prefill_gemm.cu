@@ -363,10 +363,13 @@ prefill_gemm_kernel(const PrefillGemmParams p, const __grid_constant__ CUtensorM
   };
 
   float acc[kHalves][kAcc];
+  auto clear_accumulators = [&]() {
 #pragma unroll
-  for (int h = 0; h < kHalves; ++h)
+    for (int h = 0; h < kHalves; ++h)
 #pragma unroll
-    for (int i = 0; i < kAcc; ++i) acc[h][i] = 0.f;
+      for (int i = 0; i < kAcc; ++i) acc[h][i] = 0.f;
+  };
+  clear_accumulators();
   uint32_t afrag[2][kHalves][4][4];
 
   // The four (per m64 half) wgmma of the stage in `slot`, then wait until the previous
@@ -521,13 +524,13 @@ prefill_gemm_kernel(const PrefillGemmParams p, const __grid_constant__ CUtensorM
       decode::mbar_init_fence();
     }
     __syncthreads();
-    // Stream-K (p.stream_k_blocks > 0, k_splits = 1): the units (tile, k stage), tile
-    // major, are cut into gridDim.x contiguous ranges of equal size (+-1), one per block,
-    // so every SM gets the same share of the work whatever the tile count. A block's range
-    // is a run of segments, one per tile it touches: a segment over the whole K stores y
-    // itself; the others store partial sums (slot 2 b for the block's first segment,
-    // 2 b + 1 for its last) and the tile's last block to arrive sums its contributors'
-    // slots in block order (bitwise reproducible) and stores y.
+    // Stream-K (kStreamK: p.stream_k_blocks > 0, k_splits = 1): the units (tile,
+    // k stage), tile major, are cut into gridDim.x contiguous ranges of equal size (+-1),
+    // one per block, so every SM gets the same share of the work whatever the tile count.
+    // A block's range is a run of segments, one per tile it touches: a segment over the
+    // whole K stores y itself; the others store partial sums (slot 2 b for the block's
+    // first segment, 2 b + 1 for its last) and the tile's last block to arrive sums its
+    // contributors' slots in block order (bitwise reproducible) and stores y.
     const int64_t sk_units = static_cast<int64_t>(sk_tiles) * k_stages;
     const int64_t u_begin =
         kStreamK ? decode::first_unit_of_block(blockIdx.x, sk_units, gridDim.x) : 0;
@@ -601,13 +604,10 @@ prefill_gemm_kernel(const PrefillGemmParams p, const __grid_constant__ CUtensorM
         }
         // Not staged through shared memory: the ring may already hold the next segment's
         // stages. (Staging the block's last segment, when the ring is idle, was measured
-        // 1.07-1.6x slower: the staged code in this loop costs the 168-register budget of
-        // the whole kernel spills and worse scheduling; bench/results/NOTES.md.)
+        // 1.07-1.6x slower, in a build where stream-K still shared one function with the
+        // other path and its 168-register budget; bench/results/NOTES.md.)
         if (store) store_output(m0_, col, false);
-#pragma unroll
-        for (int h = 0; h < kHalves; ++h)
-#pragma unroll
-          for (int i = 0; i < kAcc; ++i) acc[h][i] = 0.f;
+        clear_accumulators();
         u += count;
       }
       return;
