@@ -41,37 +41,41 @@ for bits in (4, 8):
                     x = x.abs() + 1.0
                     x[:, 7] = 60.0
                 x = x.to(dtype)
-                outs = []
-                for _ in range(3):
-                    o = torch.full((m, n), float("nan"), dtype=dtype, device="cuda")
-                    cd.decode_matmul(x, prep, None, out=o)
-                    outs.append(o)
                 ref = x.double() @ w.t()
-                err = ((outs[0].double() - ref).norm() / ref.norm()).item()
-                same = all(torch.equal(outs[0], o) for o in outs[1:])
-                ok = err <= (2e-3 if dtype == torch.float16 else 1e-2) and same
-                fails += not ok
-                res["checks"].append({"bits": bits, "dtype": str(dtype), "n": n, "k": k,
-                                      "gs": gs, "m": m, "one_sign": one_sign, "err": err,
-                                      "deterministic": same})
+                # M <= 16 also with the copying-warp configuration forced on and off
+                for producer in ((None, False, True) if m <= 16 else (None,)):
+                    outs = []
+                    for _ in range(3):
+                        o = torch.full((m, n), float("nan"), dtype=dtype, device="cuda")
+                        cd.decode_matmul(x, prep, None, out=o, producer_warp=producer)
+                        outs.append(o)
+                    err = ((outs[0].double() - ref).norm() / ref.norm()).item()
+                    same = all(torch.equal(outs[0], o) for o in outs[1:])
+                    ok = err <= (2e-3 if dtype == torch.float16 else 1e-2) and same
+                    fails += not ok
+                    res["checks"].append({"bits": bits, "dtype": str(dtype), "n": n, "k": k,
+                                          "gs": gs, "m": m, "one_sign": one_sign, "err": err,
+                                          "deterministic": same, "producer_warp": producer})
 # graph replay equals eager
 qw = dqgemm.quantize(torch.randn(1536, 6144, device="cuda") * 0.02, 4, 128)
 prep = cd.prepare_decode(qw)
 x = torch.randn(5, 6144, device="cuda", dtype=torch.float16)
-eager = cd.decode_matmul(x, prep, None)
-static = torch.empty_like(eager)
-s = torch.cuda.Stream()
-s.wait_stream(torch.cuda.current_stream())
-with torch.cuda.stream(s):
-    cd.decode_matmul(x, prep, None, out=static)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g, stream=s):
-        cd.decode_matmul(x, prep, None, out=static)
-torch.cuda.current_stream().wait_stream(s)
-static.fill_(float("nan"))
-g.replay()
-torch.cuda.synchronize()
-graph_ok = torch.equal(static, eager)
+graph_ok = True
+for producer in (False, True):
+    eager = cd.decode_matmul(x, prep, None, producer_warp=producer)
+    static = torch.empty_like(eager)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        cd.decode_matmul(x, prep, None, out=static, producer_warp=producer)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, stream=s):
+            cd.decode_matmul(x, prep, None, out=static, producer_warp=producer)
+    torch.cuda.current_stream().wait_stream(s)
+    static.fill_(float("nan"))
+    g.replay()
+    torch.cuda.synchronize()
+    graph_ok = graph_ok and torch.equal(static, eager)
 res["graph_replay_equal"] = graph_ok
 res["check_failures"] = fails
 print(f"checks: {len(res['checks'])} cases, {fails} failures, graph replay equal: {graph_ok} "
@@ -83,35 +87,43 @@ B.HBM = bw  # the floor uses this run's copy bandwidth, not the H100's 3.0 TB/s
 res["copy_bandwidth_tbs"] = bw / 1e12
 print(f"copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
 fp16_cache = {}
-# (shape, bits, group, Ms, blocks per SM to time: None = the launch table's; at M <= 16,
-# 3 blocks per SM also selects the shallower shared-memory ring that lets 3 fit)
-# The small Llama-3-8B layers also at 1 and 2 blocks per SM: there a block has only a
-# few units, and the launch table's choice was measured on the large layers.
-plan = [((8192, 28672), 4, 128, (1,), (None, 2, 3, 4)),
-        ((8192, 28672), 4, 128, (16,), (None, 3)),
-        ((8192, 28672), 4, 128, (64,), (None,)),
-        ((4096, 4096), 4, 128, (1, 16), (None, 1, 2, 3)),
-        ((4096, 6144), 4, 128, (1, 16), (None, 1, 2)),
-        ((4096, 14336), 4, 128, (1, 16), (None, 1, 2, 3)),
-        ((14336, 4096), 4, 128, (1, 16), (None, 1, 2)),
-        ((8192, 28672), 8, -1, (1,), (None, 3, 4)),
-        ((8192, 28672), 8, -1, (16,), (None, 3)),
-        ((28672, 8192), 4, 128, (1,), (None, 3, 4)),
-        ((28672, 8192), 4, 128, (16,), (None, 3))]
-for (k, n), bits, gs, ms, bpss in plan:
+# (shape, bits, group, Ms, launches to time: (blocks per SM, producer_warp), None = the
+# launch table's). At M <= 16, 3 blocks per SM also selects the shallower shared-memory
+# ring that lets 3 fit; producer_warp True the configuration with a copying warp (3 blocks
+# per SM: 3 stages at M <= 8; fewer: 4 stages; M <= 16: 2 blocks). The small Llama-3-8B
+# layers also at 1 and 2 blocks per SM: there a block has only a few units.
+TABLE, OLD, P3, P2, P1 = (None, None), (None, False), (3, True), (2, True), (1, True)
+plan = [((8192, 28672), 4, 128, (1, 8), (TABLE, OLD, P3, P2)),
+        ((8192, 28672), 4, 128, (16,), (TABLE, OLD, P2)),
+        ((28672, 8192), 4, 128, (1,), (TABLE, OLD, P3, P2)),
+        ((28672, 8192), 4, 128, (16,), (TABLE, OLD, P2)),
+        ((8192, 8192), 4, 128, (1, 16), (TABLE, OLD, P3, P2)),
+        ((8192, 10240), 4, 128, (1, 16), (TABLE, OLD, P3, P2)),
+        ((4096, 4096), 4, 128, (1, 16), (TABLE, OLD, P3, P2, P1, (1, False))),
+        ((4096, 14336), 4, 128, (1, 16), (TABLE, OLD, P3, P2, P1)),
+        ((14336, 4096), 4, 128, (1, 16), (TABLE, OLD, P3, P2, P1)),
+        ((8192, 28672), 8, -1, (1, 16), (TABLE, OLD, P3, P2)),
+        ((8192, 8192), 8, -1, (1, 16), (TABLE, OLD, P3, P2)),
+        ((8192, 28672), 4, 128, (64,), (TABLE,))]
+for (k, n), bits, gs, ms, launches in plan:
     qw, copies = B.prepared_copies(k, n, bits, gs, torch.float16)
     for m in ms:
         t16 = B.bench_fp16(k, n, m, fp16_cache)
         res["rows"].append({"K": k, "N": n, "M": m, "bits": 16, "us": t16})
         print(f"fp16 {k}x{n} M={m}: {t16:.1f} us", flush=True)
-        for bps in bpss:
-            t, _ = B.bench_decode(copies, qw, m, torch.float16, bps, check=False)
+        for bps, producer in launches:
+            if producer and m > cd.PRODUCER_M_MAX:
+                continue
+            t, _ = B.bench_decode(copies, qw, m, torch.float16, bps, check=False,
+                                  producer_warp=producer)
             fl = B.floor_us(m, n, k, bits)
-            row = {"K": k, "N": n, "M": m, "bits": bits, "blocks_per_sm": bps, "us": t,
-                   "floor_us": fl, "pct_floor": 100 * fl / t}
+            row = {"K": k, "N": n, "M": m, "bits": bits, "blocks_per_sm": bps,
+                   "producer_warp": producer, "us": t, "floor_us": fl,
+                   "pct_floor": 100 * fl / t, "fp16_us": t16}
             res["rows"].append(row)
-            print(f"int{bits} {k}x{n} M={m} bps={bps}: {t:.1f} us, floor {fl:.1f}, "
-                  f"{100 * fl / t:.0f}% ({time.time() - t0:.1f}s)", flush=True)
+            print(f"int{bits} {k}x{n} M={m} bps={bps} producer={producer}: {t:.1f} us, "
+                  f"floor {fl:.1f}, {100 * fl / t:.0f}%, x{t16 / t:.2f} FP16 "
+                  f"({time.time() - t0:.1f}s)", flush=True)
             save()
     del copies, qw
     fp16_cache.clear()

@@ -73,6 +73,11 @@ cudaError_t launch_tile(const DecodeGemmParams& p) {
     // Ring depth follows the blocks per SM the grid was sized for (configs/cuda_decode.json):
     // the deepest ring with which that many blocks fit in the SM's shared memory.
     case 8:
+      if (p.producer_warp) {  // a copying warp (sm_90+; cuda_decode.py decides)
+        return p.blocks_per_sm >= 3
+                   ? launch_config<T, Config<BITS, 1, 1, BITS == 4 ? 256 : 128, 3, 3, false, true>>(p)
+                   : launch_config<T, Config<BITS, 1, 1, BITS == 4 ? 256 : 128, 4, 2, false, true>>(p);
+      }
       if (p.blocks_per_sm >= 4) {  // 2 x 24.6 KB, 64 registers: 4 blocks fit
         return launch_config<T, Config<BITS, 1, 1, BITS == 4 ? 256 : 128, 2, 4>>(p);
       }
@@ -83,6 +88,10 @@ cudaError_t launch_tile(const DecodeGemmParams& p) {
     // barrier, 0.92-0.94x the time on all six shapes at M = 16; INT8 lost (1.14x), as did
     // the small layers at M = 1 (1.10x); bench/results/h200_2026-12-01_s3_decode_quick_split.json.
     case 16:
+      if (p.producer_warp) {
+        return launch_config<T, Config<BITS, 2, 1, BITS == 4 ? 256 : 128, BITS == 4 ? 3 : 4, 2,
+                                       false, true>>(p);
+      }
       return p.blocks_per_sm >= 3
                  ? launch_config<T, Config<BITS, 2, 1, BITS == 4 ? 256 : 128, 2, 3>>(p)
                  : launch_config<T, Config<BITS, 2, 1, BITS == 4 ? 256 : 128, BITS == 4 ? 3 : 4, 2,

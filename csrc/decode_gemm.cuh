@@ -134,13 +134,41 @@ __device__ __forceinline__ void mbar_wait(uint32_t addr, uint32_t parity) {
 __device__ __forceinline__ void mbar_init_fence() {
   asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
 }
-#else  // never called: kSplitBarriers is false on these targets
+// One arrival that also makes the current phase wait for `bytes` bytes of bulk copies.
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t addr, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(addr), "r"(bytes)
+               : "memory");
+}
+// One bulk (TMA, 1-D) copy of `bytes` contiguous bytes (16-byte aligned, a multiple of 16)
+// from global into shared memory, completing on the mbarrier by byte count.
+__device__ __forceinline__ void bulk_load(uint32_t dst, const void* src, uint32_t bytes,
+                                          uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
+      ::"r"(dst), "l"(src), "r"(bytes), "r"(bar)
+      : "memory");
+}
+#else  // never called: kSplitBarriers and kProducer are false on these targets
 __device__ __forceinline__ void mbar_init(uint32_t, int) { __trap(); }
 __device__ __forceinline__ void mbar_init_fence() { __trap(); }
 __device__ __forceinline__ void mbar_arrive(uint32_t) { __trap(); }
 __device__ __forceinline__ void cp_async_mbar_arrive(uint32_t) { __trap(); }
 __device__ __forceinline__ void mbar_wait(uint32_t, uint32_t) { __trap(); }
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t, uint32_t) { __trap(); }
+__device__ __forceinline__ void bulk_load(uint32_t, const void*, uint32_t, uint32_t) { __trap(); }
 #endif  // DQGEMM_HAS_SPLIT_BARRIERS
+
+// Release / acquire fence at GPU scope (lighter than __threadfence, which is fence.sc).
+__device__ __forceinline__ void fence_acq_rel_gpu() {
+  asm volatile("fence.acq_rel.gpu;\n" ::: "memory");
+}
+
+// Barrier 1 over the first kThreads threads of the block (the computing warps of the
+// configurations with a copying warp, Config::kProducer, which does not take part).
+template <int kThreads>
+__device__ __forceinline__ void named_sync() {
+  asm volatile("bar.sync 1, %0;\n" ::"n"(kThreads) : "memory");
+}
 
 __device__ __forceinline__ uint4 lds128(uint32_t addr) {
   uint4 v;
@@ -485,7 +513,7 @@ __device__ __forceinline__ void dequant_int8_bf16(uint32_t w0, uint32_t w1,
 // ---------------------------------------------------------------------------------------
 
 template <int BITS, int MT, int WN16, int BK, int STAGES, int MIN_BLOCKS = 1,
-          bool SPLIT_BARRIERS = false>
+          bool SPLIT_BARRIERS = false, bool PRODUCER = false>
 struct Config {
   static constexpr int kBits = BITS;
   static constexpr int kMT = MT;                 // tiles of 8 tokens (M <= 8 * MT)
@@ -499,15 +527,25 @@ struct Config {
   // Per-stage "full" / "empty" mbarriers instead of one block barrier per stage (see the
   // kernel's main loop); chosen per configuration by the launcher, from measurements.
   static constexpr bool kSplitBarriers = SPLIT_BARRIERS;
+  // One more warp that only copies (bulk copies of the weights and group parameters,
+  // cp.async of the activations), so that the computing warps issue no copies and meet at
+  // no block barrier: see the kernel's main loop. sm_90 and later.
+  static constexpr bool kProducer = PRODUCER;
   static constexpr int kBN = 128;                // channels per n_tile (layout constant)
-  static constexpr int kWarps = 8 / WN16;
-  static constexpr int kThreads = 32 * kWarps;
+  static constexpr int kWarps = 8 / WN16;        // computing warps
+  static constexpr int kComputeThreads = 32 * kWarps;
+  static constexpr int kThreads = kComputeThreads + (PRODUCER ? 32 : 0);
   static constexpr int kSpan = BITS == 4 ? 64 : 32;        // k per 16-byte lane chunk
   static constexpr int kChunksPerStage = BK / kSpan;
   static constexpr int kK16PerChunk = kSpan / 16;
   static constexpr int kK16PerStage = BK / 16;
   static constexpr int kWBytes = kBN * BK * BITS / 8;
-  static constexpr int kABytes = MT * 8 * BK * 2;
+  // Bytes per activation row of a stage: BK values. The copying-warp configurations copy a
+  // row with one bulk copy, which cannot XOR-swizzle its 16-byte chunks as the cp.async
+  // path does; a 16-byte pad per row keeps the 8 rows of an ldmatrix on distinct banks
+  // instead (row stride 132 words = 4 mod 32).
+  static constexpr int kXRowBytes = BK * 2 + (PRODUCER ? 16 : 0);
+  static constexpr int kABytes = MT * 8 * kXRowBytes;
   static constexpr int kPBytes = (BK / 32) * 256;          // at most BK/32 groups per stage
   static constexpr int kStageBytes = kWBytes + kABytes + 2 * kPBytes;
   static constexpr int kSmemBytes = STAGES * kStageBytes;
@@ -518,6 +556,7 @@ struct Config {
   static constexpr int kGroupAccSets = MT * WN16 <= 2 ? 2 : 1;
   static_assert(BK % kSpan == 0 && BK % 32 == 0, "BK must hold whole lane chunks and k32 pairs");
   static_assert(8 % WN16 == 0, "WN16 must divide 8");
+  static_assert(!(PRODUCER && SPLIT_BARRIERS), "the copying warp has its own stage hand-over");
 };
 
 // Owner block of unit u when U units are cut into G ranges [b*U/G, (b+1)*U/G).
@@ -546,10 +585,12 @@ __device__ __forceinline__ void for_each_acc(F&& f) {
 // segment covers the whole K; otherwise store the block's fp32 partial sums in its slot of
 // the workspace and count in, and let the last block to arrive sum every slot of the tile
 // in block order (bitwise reproducible), write y and reset the tile's counter. Called by
-// every thread of the block (it synchronizes the block on the partial path). acc holds the
-// lane's m16n8 C fragments: slice i of the warp's kWN16, token tile mt, element e.
+// every computing thread of the block (it synchronizes them on the partial path: the whole
+// block, or with kNamedSync barrier 1 over the kThreads computing threads, which leaves the
+// copying warp free to go on). acc holds the lane's m16n8 C fragments: slice i of the
+// warp's kWN16, token tile mt, element e.
 // ---------------------------------------------------------------------------------------
-template <typename T, int kWN16, int kMT, int kThreads>
+template <typename T, int kWN16, int kMT, int kThreads, bool kNamedSync = false>
 __device__ __forceinline__ void finish_segment(const DecodeGemmParams& p,
                                                const float (&acc)[kWN16][kMT][4], bool full,
                                                int64_t tile, int64_t first_tile, int64_t units,
@@ -584,18 +625,35 @@ __device__ __forceinline__ void finish_segment(const DecodeGemmParams& p,
       const int nl = (warp * kWN16 + i) * 16 + (lane >> 2) + (e >> 1) * 8;
       if (m < m_rows) __stcg(ws + m * kBN + nl, acc[i][mt][e]);
     });
-    __threadfence();
-    __syncthreads();
+    // With kNamedSync one thread fences for the block after the barrier (the barrier
+    // orders the others' stores before its fence; the fence is cumulative), instead of
+    // every thread.
+    // (release / acquire fences there: the counter is the only flag, so sequential
+    // consistency buys nothing.)
+    if constexpr (!kNamedSync) __threadfence();
+    if constexpr (kNamedSync) {
+      named_sync<kThreads>();
+    } else {
+      __syncthreads();
+    }
     const int b_first = block_of_unit(tile * kc_per_tile, units, grid);
     const int b_last = block_of_unit(tile * kc_per_tile + kc_per_tile - 1, units, grid);
     if (tid == 0) {
+      if constexpr (kNamedSync) fence_acq_rel_gpu();  // the block's partials, then count in
       const int arrived = atomicAdd(p.counters + tile, 1);
       s_last = arrived == b_last - b_first;
       if (s_last) p.counters[tile] = 0;  // every contributor has counted: reset for reuse
+      if constexpr (kNamedSync) {
+        if (s_last) fence_acq_rel_gpu();  // the other contributors' partials before ours
+      }
     }
-    __syncthreads();
+    if constexpr (kNamedSync) {
+      named_sync<kThreads>();
+    } else {
+      __syncthreads();
+    }
     if (s_last) {
-      __threadfence();
+      if constexpr (!kNamedSync) __threadfence();
       // Contributors b_first..b_last in block order. Block b > b_first starts inside
       // this tile, so its segment here is its first (slot 2b); b_first's is its first
       // segment only if it starts exactly at the tile's first unit.
@@ -650,6 +708,13 @@ decode_gemm_kernel(const DecodeGemmParams p) {
   constexpr int kStages = Cfg::kStages, kThreads = Cfg::kThreads, kBN = Cfg::kBN;
   constexpr bool kF32Path = kBits == 8 && sizeof(T) == 2 && P::kMagic == 0x43004300u;
   constexpr bool kSplitBarriers = Cfg::kSplitBarriers && DQGEMM_HAS_SPLIT_BARRIERS;
+  constexpr bool kProducer = Cfg::kProducer;
+#if !DQGEMM_HAS_SPLIT_BARRIERS
+  if constexpr (kProducer) {  // never launched there (cuda_decode.py: compute capability 9+)
+    __trap();
+    return;
+  }
+#endif
   extern __shared__ __align__(16) uint8_t smem[];
   __shared__ int s_last;
 
@@ -687,8 +752,8 @@ decode_gemm_kernel(const DecodeGemmParams p) {
     const int rest = i - s * per_stage;
     const int row = m_rows + rest / (kBK / 8);
     const int chunk = rest % (kBK / 8);
-    *reinterpret_cast<uint4*>(smem + s * Cfg::kStageBytes + Cfg::kWBytes + row * kBK * 2 +
-                              chunk * 16) = make_uint4(0, 0, 0, 0);
+    *reinterpret_cast<uint4*>(smem + s * Cfg::kStageBytes + Cfg::kWBytes +
+                              row * Cfg::kXRowBytes + chunk * 16) = make_uint4(0, 0, 0, 0);
   }
 
   // Load cursor: the next unit to copy, (load_tile, load_kc), and the address of its
@@ -757,6 +822,74 @@ decode_gemm_kernel(const DecodeGemmParams p) {
     advance(load_tile, load_kc);
   };
 
+  // mbarriers of the stage hand-over without block barriers (split barriers, or the
+  // copying warp; see below).
+  [[maybe_unused]] __shared__ __align__(8) uint64_t full_bar[kStages];
+  [[maybe_unused]] __shared__ __align__(8) uint64_t empty_bar[kStages];
+  // The copying warp's loop (Cfg::kProducer; see the stage hand-over below): units
+  // u_begin.. in order into stages 0, 1, .. of the ring.
+  [[maybe_unused]] auto copy_units = [&](int count) {
+    const uint8_t* w_src =
+        wbase + (first_tile * k_blocks_per_tile +
+                 static_cast<int64_t>(load_kc) * Cfg::kChunksPerStage) * 4096;
+    const bool has_zo = mode != static_cast<int>(ZeroMode::kSymmetric);
+    int s = 0;
+    uint32_t round = 0;  // times the ring has been filled so far
+    for (int it = 0; it < count; ++it) {
+      const uint32_t st = smem0 + s * Cfg::kStageBytes;
+      const uint32_t bar = smem_addr(&full_bar[s]);
+      if (round > 0) mbar_wait(smem_addr(&empty_bar[s]), (round - 1) & 1);
+      const int kb_here = static_cast<int>(
+          min(static_cast<int64_t>(Cfg::kChunksPerStage),
+              k_blocks_per_tile - static_cast<int64_t>(load_kc) * Cfg::kChunksPerStage));
+      const uint32_t w_bytes = static_cast<uint32_t>(kb_here) * 4096u;
+      const int k0 = load_kc * kBK;
+      const int g0 = k0 >> gs_log2;
+      const uint32_t p_bytes =
+          static_cast<uint32_t>(min(groups_per_stage, static_cast<int>(groups_per_tile) - g0)) *
+          256u;
+      const int64_t poff = (load_tile * groups_per_tile + g0) * 256;
+      // Activation rows: k0 .. min(k0 + BK, K) of each of the M rows, one bulk copy each;
+      // a stage past K (the last of a tile) gets zeros after K first (plain stores, visible
+      // to the computing warps through the arrival below, like the copies).
+      const int x_valid = min(kBK, k_real32 - k0);  // > 0: stages start below K
+      if (x_valid < kBK) {
+        const int tail_chunks = (kBK - x_valid) / 8;
+#pragma unroll 1
+        for (int c = lane; c < m_rows * tail_chunks; c += 32) {
+          const int row = c / tail_chunks;
+          const int chunk = x_valid / 8 + (c - row * tail_chunks);
+          *reinterpret_cast<uint4*>(smem + s * Cfg::kStageBytes + Cfg::kWBytes +
+                                    row * Cfg::kXRowBytes + chunk * 16) = make_uint4(0, 0, 0, 0);
+        }
+      }
+      __syncwarp();
+      // One arrival with the stage's byte count, before any copy is issued, so that the
+      // phase completes exactly when every byte has landed.
+      if (lane == 0) {
+        mbar_arrive_expect_tx(bar, w_bytes + (has_zo ? 2u : 1u) * p_bytes +
+                                       static_cast<uint32_t>(m_rows * x_valid * 2));
+      }
+      __syncwarp();
+      if (lane < m_rows) {  // m_rows <= 16
+        bulk_load(st + Cfg::kWBytes + lane * Cfg::kXRowBytes, x + (lane * k_real32 + k0),
+                  static_cast<uint32_t>(x_valid * 2), bar);
+      } else if (lane == 31) {
+        bulk_load(st, w_src, w_bytes, bar);
+      } else if (lane == 30) {
+        bulk_load(st + Cfg::kWBytes + Cfg::kABytes, sbase + poff, p_bytes, bar);
+      } else if (lane == 29 && has_zo) {
+        bulk_load(st + Cfg::kWBytes + Cfg::kABytes + Cfg::kPBytes, zbase + poff, p_bytes, bar);
+      }
+      w_src += w_bytes;
+      advance(load_tile, load_kc);
+      if (++s == kStages) {
+        s = 0;
+        ++round;
+      }
+    }
+  };
+
   // acc: the block's sums for the current segment. With kFold, the mma accumulate exact
   // (q - z) * x products of the current group into gacc (kGroupAccSets sets, alternating
   // by k16 step; a group's first mma of each set writes it without reading it), and fold()
@@ -811,7 +944,7 @@ decode_gemm_kernel(const DecodeGemmParams p) {
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
       const int chunk = one_tile ? 4 * (q & 1) + hi : 2 * q + hi;
-      xoff[q] = row0 * kBK * 2 + 16 * (chunk ^ r);
+      xoff[q] = row0 * Cfg::kXRowBytes + 16 * (kProducer ? chunk : (chunk ^ r));
     }
   }
 
@@ -825,9 +958,31 @@ decode_gemm_kernel(const DecodeGemmParams p) {
   // stage). A thread waits only for the data of the stage it computes, and refills the
   // stage of the previous unit once every thread has read it, so warps may drift apart by
   // a stage instead of meeting at every one (one stage less is in flight during compute).
-  [[maybe_unused]] __shared__ __align__(8) uint64_t full_bar[kStages];
-  [[maybe_unused]] __shared__ __align__(8) uint64_t empty_bar[kStages];
-  if constexpr (kSplitBarriers) {
+  //
+  // A copying warp (Cfg::kProducer): the last warp of the block does nothing but fill the
+  // ring, unit after unit: it waits until stage s is "empty" (every computing thread has
+  // arrived after reading it), arrives on "full" with the stage's byte count, and its
+  // lanes issue one bulk copy each: the unit's weights (one contiguous range), its group
+  // parameters, and each activation row (zeros stored past K first). The computing warps
+  // then issue no copy instructions and meet at no block barrier: they wait on "full",
+  // compute, arrive on "empty". (ncu on the ring
+  // with block barriers: 390 instructions per warp and 16 KB stage, of which 204 compute;
+  // the rest was copy issue, barrier and stage bookkeeping: bench/results/NOTES.md.)
+  if constexpr (kProducer) {
+    if (tid == 0) {
+#pragma unroll
+      for (int s = 0; s < kStages; ++s) {
+        mbar_init(smem_addr(&full_bar[s]), 1);  // the copying warp's arrive.expect_tx
+        mbar_init(smem_addr(&empty_bar[s]), Cfg::kComputeThreads);
+      }
+      mbar_init_fence();
+    }
+    __syncthreads();  // barriers initialized; the zeroed token rows are visible
+    if (warp == Cfg::kWarps) {
+      copy_units(n_units);
+      return;  // the computing warps synchronize among themselves only (named_sync)
+    }
+  } else if constexpr (kSplitBarriers) {
     if (tid == 0) {
 #pragma unroll
       for (int s = 0; s < kStages; ++s) {
@@ -854,7 +1009,7 @@ decode_gemm_kernel(const DecodeGemmParams p) {
   int stage = 0;
 
   for (int it = 0; it < n_units; ++it) {
-    if constexpr (kSplitBarriers) {
+    if constexpr (kSplitBarriers || kProducer) {
       mbar_wait(smem_addr(&full_bar[stage]), (it / kStages) & 1);
     } else {
       cp_async_wait<kStages - 2>();
@@ -922,7 +1077,7 @@ decode_gemm_kernel(const DecodeGemmParams p) {
 #pragma unroll
             for (int mt = 0; mt < kMT; mt += 2) {
               uint32_t r[4];
-              ldmatrix_x4(r, a_st + xoff[ks & 3] + mt * 8 * kBK * 2 + 128 * (ks >> 2));
+              ldmatrix_x4(r, a_st + xoff[ks & 3] + mt * 8 * Cfg::kXRowBytes + 128 * (ks >> 2));
               bfrag[mt][0] = r[0];
               bfrag[mt][1] = r[1];
               bfrag[mt + 1][0] = r[2];
@@ -983,7 +1138,9 @@ decode_gemm_kernel(const DecodeGemmParams p) {
     } else {
       run_stage(std::integral_constant<int, kSteps>{});
     }
-    if constexpr (kSplitBarriers) {
+    if constexpr (kProducer) {
+      mbar_arrive(smem_addr(&empty_bar[stage]));
+    } else if constexpr (kSplitBarriers) {
       mbar_arrive(smem_addr(&empty_bar[stage]));
       if (it >= 1) {  // the previous unit's stage takes unit it - 1 + kStages
         const int sp = stage == 0 ? kStages - 1 : stage - 1;
@@ -999,8 +1156,8 @@ decode_gemm_kernel(const DecodeGemmParams p) {
       fold();
       clear_groups();
       const bool full = seg_kc_begin == 0 && kc == kc_per_tile - 1;
-      finish_segment<T, kWN16, kMT, kThreads>(p, acc, full, tile, first_tile, units,
-                                              kc_per_tile, s_last);
+      finish_segment<T, kWN16, kMT, Cfg::kComputeThreads, kProducer>(
+          p, acc, full, tile, first_tile, units, kc_per_tile, s_last);
       for_each_acc<kWN16, kMT>([&](int i, int mt, int e) { acc[i][mt][e] = 0.f; });
       seg_kc_begin = 0;
     }

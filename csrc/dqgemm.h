@@ -73,6 +73,8 @@ struct DecodeGemmParams {
   int blocks_per_sm = 2;          // resident blocks per SM the grid was sized for: at
                                   // M <= 16, 3 (M <= 8: also 4) picks a shallower ring
                                   // that lets that many fit
+  bool producer_warp = false;     // M <= 16, sm_90+: the configuration with a copying warp
+                                  // (bulk copies; csrc/decode_gemm.cuh, Config::kProducer)
   int grid = 0;                   // blocks (stream-K ranges); <= units
   cudaStream_t stream = nullptr;
 };

@@ -72,6 +72,8 @@
 namespace dqgemm {
 namespace prefill {
 
+using decode::bulk_load;
+using decode::mbar_arrive_expect_tx;
 using decode::cp_async16_stream;
 using decode::cp_async16_zfill;
 using decode::cp_async_commit;
@@ -144,12 +146,6 @@ __device__ __forceinline__ void fence_proxy_async() {
 // wgmma descriptor reads; rows >= M and k >= K come back as zeros) and bulk copies of the
 // stage's contiguous weight and group-parameter bytes, all completing on the stage's "full"
 // mbarrier by byte count. Measured against 128 threads of cp.async: bench/results/NOTES.md.
-__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes)
-               : "memory");
-#endif
-}
 __device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map, int c0, int c1,
                                             uint32_t bar) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -157,15 +153,6 @@ __device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map
       "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
       " [%0], [%1, {%2, %3}], [%4];\n" ::"r"(dst), "l"(reinterpret_cast<uint64_t>(map)),
       "r"(c0), "r"(c1), "r"(bar)
-      : "memory");
-#endif
-}
-__device__ __forceinline__ void bulk_load(uint32_t dst, const void* src, uint32_t bytes,
-                                          uint32_t bar) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  asm volatile(
-      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
-      ::"r"(dst), "l"(src), "r"(bytes), "r"(bar)
       : "memory");
 #endif
 }

@@ -201,8 +201,9 @@ def _make(n, k, bits, group_size, mode="symmetric", seed=0, act_order=False):
     return make_quantized(n, k, bits, group_size, mode, seed, act_order)
 
 
-def _check(qw, m, dtype, bias=False, seed=1, repeats=1, x=None):
-    """x: fresh random [m, K] activations unless given."""
+def _check(qw, m, dtype, bias=False, seed=1, repeats=1, x=None, **launch):
+    """x: fresh random [m, K] activations unless given; launch: decode_matmul overrides
+    (blocks_per_sm, producer_warp)."""
     gen = torch.Generator().manual_seed(seed)
     if x is None:
         x = torch.randn(m, qw.in_features, generator=gen).to(dtype).cuda()
@@ -211,7 +212,7 @@ def _check(qw, m, dtype, bias=False, seed=1, repeats=1, x=None):
     outs = []
     for _ in range(repeats):
         out = torch.full((m, qw.out_features), float("nan"), dtype=dtype, device="cuda")
-        cd.decode_matmul(x, prep, b, out=out)
+        cd.decode_matmul(x, prep, b, out=out, **launch)
         outs.append(out)
     w = qw.dequantize(torch.float64)
     ref = x.double() @ w.t()
@@ -369,6 +370,84 @@ def test_shallow_rings(bits, blocks_per_sm):
         ref = x.double() @ w.t()
         err = ((out.double() - ref).norm() / ref.norm()).item()
         assert err <= TOL[torch.float16], f"M={m}: {err:.3e}"
+
+
+def _producer_reason():
+    if _gpu_reason() is not None:
+        return _gpu_reason()
+    if torch.cuda.get_device_capability() < (9, 0):
+        return "the copying-warp configuration needs compute capability 9.0+"
+    return None
+
+
+producer_gpu = pytest.mark.skipif(_producer_reason() is not None,
+                                  reason=f"needs an sm_90 GPU: {_producer_reason()}")
+
+
+@producer_gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["symmetric", "zero_points", "offsets"])
+@pytest.mark.parametrize("group_size", [32, 64, 128, 256, -1])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_producer_warp_groups_modes_dtypes(bits, group_size, mode, dtype):
+    """The copying-warp configuration (bulk copies) on every group size, mode and dtype:
+    K = 576 (a half last stage whose activation rows end at K: zeros stored after it) or
+    1280, and whole stages (1536), at both of its M <= 8 rings (3 blocks per SM: 3 stages;
+    2: 4 stages) and at M <= 16; bitwise repeatable."""
+    for n, k in ((640, 1536), (200, 576 if 576 % max(group_size, 1) == 0 else 1280)):
+        qw = _make(n, k, bits, group_size, mode, seed=group_size + 9 + k)
+        for m, bps in ((1, 3), (1, 2), (5, 3), (8, 1), (9, None), (16, None)):
+            _check(qw, m, dtype, bias=m == 5, seed=m, repeats=2, producer_warp=True,
+                   blocks_per_sm=bps)
+
+
+@producer_gpu
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("n,k", SHAPES)
+def test_producer_warp_shapes(n, k, bits):
+    qw = _make(n, k, bits, 64, seed=n + 2 * k)
+    for m in (1, 3, 16):
+        _check(qw, m, torch.float16, seed=m, producer_warp=True)
+
+
+@producer_gpu
+def test_producer_warp_act_order_one_sign_and_graph_replay():
+    _check(_make(576, 1536, 4, 128, act_order=True, seed=4), 5, torch.float16,
+           producer_warp=True)
+    qw = _make(384, 8192, 4, 32, "zero_points", seed=7)
+    x = torch.randn(9, 8192, generator=torch.Generator().manual_seed(3)).abs() + 1.0
+    x[:, 100] = 60.0
+    _check(qw, 9, torch.bfloat16, x=x.to(torch.bfloat16).cuda(), producer_warp=True)
+    prep = cd.prepare_decode(_make(1536, 6144, 4, 128, seed=8))
+    x = torch.randn(3, 6144, generator=torch.Generator().manual_seed(4)).half().cuda()
+    eager = cd.decode_matmul(x, prep, None, producer_warp=True)
+    static = torch.empty_like(eager)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        cd.decode_matmul(x, prep, None, out=static, producer_warp=True)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            cd.decode_matmul(x, prep, None, out=static, producer_warp=True)
+    torch.cuda.current_stream().wait_stream(stream)
+    static.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(static, eager)
+
+
+def test_producer_warp_argument_checked():
+    prep = cd.prepare_decode(dqgemm.quantize(torch.randn(128, 128) * 0.02, 4, 128))
+    with pytest.raises(TypeError, match="producer_warp"):
+        cd.decode_matmul(torch.randn(1, 128, dtype=torch.float16), prep, None, producer_warp=1)
+    with pytest.raises(ValueError, match="producer_warp.*M <= 16"):
+        cd.decode_matmul(torch.randn(17, 128, dtype=torch.float16), prep, None,
+                         producer_warp=True)
+
+
+def test_producer_warp_table_needs_sm90(monkeypatch):
+    monkeypatch.setattr(cd, "_capability", lambda index: (8, 0))
+    assert not any(cd.table_producer_warp(m, bits, 0) for m in (1, 16) for bits in (4, 8))
 
 
 def test_blocks_per_sm_argument_checked():

@@ -235,6 +235,20 @@ def table_blocks_per_sm(m: int, bits: int, units: Optional[int] = None) -> int:
     return int(launch_table()[f"int{bits}"][str(m_tile(m))])
 
 
+@functools.lru_cache(maxsize=16)
+def _capability(device_index: int) -> Tuple[int, int]:
+    return tuple(torch.cuda.get_device_capability(device_index))
+
+
+def table_producer_warp(m: int, bits: int, device_index: int) -> bool:
+    """configs/cuda_decode.json, "producer_warp": whether M's token tile runs the
+    configuration with a copying warp (bulk copies; sm_90 and later only)."""
+    rule = _config().get("producer_warp", {})
+    if _capability(device_index) < tuple(rule.get("min_capability", (9, 0))):
+        return False
+    return bool(rule.get(f"int{bits}", {}).get(str(m_tile(m)), False))
+
+
 @functools.lru_cache(maxsize=4096)
 def work_units(m: int, n: int, k: int, bits: int) -> int:
     """Units of work of the stream-K partition: 128-channel tiles x k stages per tile."""
@@ -330,12 +344,18 @@ def output_buffer(out: Optional[torch.Tensor], m: int, n: int, dtype: torch.dtyp
     return out
 
 
+PRODUCER_M_MAX = 16     # token tiles with a copying-warp configuration (8 and 16)
+
+
 def decode_matmul(x: torch.Tensor, prepared: DecodePrepared, bias: Optional[torch.Tensor],
                   blocks_per_sm: Optional[int] = None,
-                  out: Optional[torch.Tensor] = None) -> torch.Tensor:
+                  out: Optional[torch.Tensor] = None,
+                  producer_warp: Optional[bool] = None) -> torch.Tensor:
     """y = x @ W^T (+ bias) with the decode kernel. x: contiguous [M, K] fp16/bf16 on the
-    weight's device, 1 <= M <= 64. ``blocks_per_sm`` overrides the launch table (tuning);
-    ``out`` is an optional contiguous [M, N] result buffer of x's dtype (tests poison it)."""
+    weight's device, 1 <= M <= 64. ``blocks_per_sm`` and ``producer_warp`` (the
+    configuration with a copying warp: M <= 16, compute capability 9.0+) override the
+    launch table (tuning, tests); ``out`` is an optional contiguous [M, N] result buffer of
+    x's dtype (tests poison it)."""
     ext = _ext.extension()
     if ext is None:
         raise RuntimeError(f"dqgemm CUDA extension {_ext.extension_error()}")
@@ -354,6 +374,17 @@ def decode_matmul(x: torch.Tensor, prepared: DecodePrepared, bias: Optional[torc
         blocks_per_sm = table_blocks_per_sm(m, prepared.bits, work_units(m, n, k, prepared.bits))
     elif not isinstance(blocks_per_sm, int) or blocks_per_sm < 1:
         raise ValueError(f"blocks_per_sm: expected an int >= 1, got {blocks_per_sm!r}")
+    if producer_warp is None:
+        producer_warp = table_producer_warp(m, prepared.bits, device.index)
+    elif not isinstance(producer_warp, bool):
+        raise TypeError(f"producer_warp: expected a bool or None, got {producer_warp!r}")
+    elif producer_warp:
+        if m > PRODUCER_M_MAX:
+            raise ValueError(f"producer_warp: the copying-warp configuration serves "
+                             f"M <= {PRODUCER_M_MAX}, got M = {m}")
+        if _capability(device.index) < (9, 0):
+            raise ValueError(f"producer_warp: needs compute capability 9.0 or later, "
+                             f"{device} has {_capability(device.index)}")
     grid = grid_size(m, n, k, prepared.bits, device.index, blocks_per_sm)
     stream = _ext.stream_handle(device)
     ws, counters = workspace(device, stream, 2 * grid * m * TILE_N, n_pad // TILE_N)
@@ -366,7 +397,7 @@ def decode_matmul(x: torch.Tensor, prepared: DecodePrepared, bias: Optional[torc
         groups_padded=groups_padded(k, prepared.group_size),
         group_size_log2=group_size_log2(k, prepared.group_size), bits=prepared.bits,
         dtype=_ext.dtype_code(x.dtype, "x"), zero_mode=_ext.ZERO_MODE_CODES[prepared.zero_mode],
-        blocks_per_sm=blocks_per_sm, grid=grid, stream=stream)
+        blocks_per_sm=blocks_per_sm, producer_warp=producer_warp, grid=grid, stream=stream)
     return y
 
 
