@@ -17,7 +17,11 @@ from dqgemm.kernels import cuda_decode as cd  # noqa: E402
 
 out_path = sys.argv[1] if len(sys.argv) > 1 else "quick.json"
 t0 = time.time()
-res = {"device": torch.cuda.get_device_name(), "checks": [], "rows": []}
+res = {"device": torch.cuda.get_device_name(), "checks": [], "rows": [],
+       "meta": {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "torch": torch.__version__, "cuda": torch.version.cuda,
+                "command": " ".join(["python"] + sys.argv),
+                "launch_table": cd._config()}}
 
 
 def save():

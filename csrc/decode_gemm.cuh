@@ -130,6 +130,16 @@ __device__ __forceinline__ void mbar_wait(uint32_t addr, uint32_t parity) {
       "r"(parity)
       : "memory");
 }
+// As mbar_wait, with a suspend-time hint: the waiting warp sleeps until the phase completes
+// (or the hint, 10 ms, runs out) instead of spinning on try_wait and taking issue slots
+// from the computing warps of its scheduler.
+__device__ __forceinline__ void mbar_wait_sleep(uint32_t addr, uint32_t parity) {
+  asm volatile(
+      "{\n .reg .pred done;\n WAIT_%=:\n"
+      " mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1, %2;\n @!done bra WAIT_%=;\n}\n"
+      ::"r"(addr), "r"(parity), "r"(10000000)
+      : "memory");
+}
 // Makes the initialized mbarriers visible before any thread uses them.
 __device__ __forceinline__ void mbar_init_fence() {
   asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
@@ -154,6 +164,7 @@ __device__ __forceinline__ void mbar_init_fence() { __trap(); }
 __device__ __forceinline__ void mbar_arrive(uint32_t) { __trap(); }
 __device__ __forceinline__ void cp_async_mbar_arrive(uint32_t) { __trap(); }
 __device__ __forceinline__ void mbar_wait(uint32_t, uint32_t) { __trap(); }
+__device__ __forceinline__ void mbar_wait_sleep(uint32_t, uint32_t) { __trap(); }
 __device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t, uint32_t) { __trap(); }
 __device__ __forceinline__ void bulk_load(uint32_t, const void*, uint32_t, uint32_t) { __trap(); }
 #endif  // DQGEMM_HAS_SPLIT_BARRIERS
@@ -838,7 +849,7 @@ decode_gemm_kernel(const DecodeGemmParams p) {
     for (int it = 0; it < count; ++it) {
       const uint32_t st = smem0 + s * Cfg::kStageBytes;
       const uint32_t bar = smem_addr(&full_bar[s]);
-      if (round > 0) mbar_wait(smem_addr(&empty_bar[s]), (round - 1) & 1);
+      if (round > 0) mbar_wait_sleep(smem_addr(&empty_bar[s]), (round - 1) & 1);
       const int kb_here = static_cast<int>(
           min(static_cast<int64_t>(Cfg::kChunksPerStage),
               k_blocks_per_tile - static_cast<int64_t>(load_kc) * Cfg::kChunksPerStage));
@@ -1005,11 +1016,36 @@ decode_gemm_kernel(const DecodeGemmParams p) {
     }
   }
 
+  // Calls f with the k16 steps per group inside a stage as a compile-time constant.
+  auto dispatch_group_steps = [&](auto&& f) {
+    constexpr int kSteps = Cfg::kK16PerStage;
+    const int group_steps = gs_log2 - 4 >= 8 ? kSteps : min(kSteps, 1 << (gs_log2 - 4));
+    if (group_steps <= 2) {
+      f(std::integral_constant<int, (kSteps < 2 ? kSteps : 2)>{});
+    } else if (group_steps == 4) {
+      f(std::integral_constant<int, (kSteps < 4 ? kSteps : 4)>{});
+    } else if (group_steps == 8) {
+      f(std::integral_constant<int, (kSteps < 8 ? kSteps : 8)>{});
+    } else {
+      f(std::integral_constant<int, kSteps>{});
+    }
+  };
   int seg_kc_begin = kc;
   int stage = 0;
-
+  // The main loop. fixed_steps > 0: every stage has that many k16 steps per group (the
+  // copying-warp configurations dispatch once, before the loop, instead of per stage);
+  // 0: chosen per stage.
+  // Stage phase for the mbarrier waits of the copying-warp configurations (flips at each
+  // wrap of the ring, instead of (it / kStages) & 1).
+  [[maybe_unused]] uint32_t phase = 0;
+  // The last stage of a tile may be short (kBK = 256, K_pad a multiple of 128 only).
+  [[maybe_unused]] const bool tiles_end_short =
+      k_blocks_per_tile % Cfg::kChunksPerStage != 0;
+  auto main_loop = [&](auto fixed_steps) {
   for (int it = 0; it < n_units; ++it) {
-    if constexpr (kSplitBarriers || kProducer) {
+    if constexpr (kProducer) {
+      mbar_wait_sleep(smem_addr(&full_bar[stage]), phase);
+    } else if constexpr (kSplitBarriers) {
       mbar_wait(smem_addr(&full_bar[stage]), (it / kStages) & 1);
     } else {
       cp_async_wait<kStages - 2>();
@@ -1025,8 +1061,13 @@ decode_gemm_kernel(const DecodeGemmParams p) {
     const uint32_t a_st = st + Cfg::kWBytes;
     const uint32_t s_st = a_st + Cfg::kABytes;
     const uint32_t z_st = s_st + Cfg::kPBytes;
-    const bool short_stage = k_blocks_per_tile - static_cast<int64_t>(kc) * Cfg::kChunksPerStage <
-                             Cfg::kChunksPerStage;
+    bool short_stage;
+    if constexpr (kProducer) {
+      short_stage = tiles_end_short && kc == kc_per_tile - 1;
+    } else {
+      short_stage = k_blocks_per_tile - static_cast<int64_t>(kc) * Cfg::kChunksPerStage <
+                    Cfg::kChunksPerStage;
+    }
     // One stage of kChunks k blocks. kG = k16 steps per group inside it. Both are
     // compile-time constants, so group starts, folds and first-of-group mma are placed at
     // compile time and nothing in the stage branches (which also lets the compiler issue
@@ -1127,16 +1168,10 @@ decode_gemm_kernel(const DecodeGemmParams p) {
       }
       compute_stage(group_steps, Full{});
     };
-    constexpr int kSteps = Cfg::kK16PerStage;
-    const int group_steps = gs_log2 - 4 >= 8 ? kSteps : min(kSteps, 1 << (gs_log2 - 4));
-    if (group_steps <= 2) {
-      run_stage(std::integral_constant<int, (kSteps < 2 ? kSteps : 2)>{});
-    } else if (group_steps == 4) {
-      run_stage(std::integral_constant<int, (kSteps < 4 ? kSteps : 4)>{});
-    } else if (group_steps == 8) {
-      run_stage(std::integral_constant<int, (kSteps < 8 ? kSteps : 8)>{});
+    if constexpr (decltype(fixed_steps)::value > 0) {
+      run_stage(fixed_steps);
     } else {
-      run_stage(std::integral_constant<int, kSteps>{});
+      dispatch_group_steps(run_stage);
     }
     if constexpr (kProducer) {
       mbar_arrive(smem_addr(&empty_bar[stage]));
@@ -1149,7 +1184,14 @@ decode_gemm_kernel(const DecodeGemmParams p) {
         cp_async_mbar_arrive(smem_addr(&full_bar[sp]));
       }
     }
-    stage = stage + 1 == kStages ? 0 : stage + 1;
+    if constexpr (kProducer) {
+      if (++stage == kStages) {
+        stage = 0;
+        phase ^= 1u;
+      }
+    } else {
+      stage = stage + 1 == kStages ? 0 : stage + 1;
+    }
 
     // ---- end of a segment (n_tile boundary or end of range): epilogue ----
     if (kc == kc_per_tile - 1 || it + 1 == n_units) {
@@ -1162,6 +1204,12 @@ decode_gemm_kernel(const DecodeGemmParams p) {
       seg_kc_begin = 0;
     }
     advance(tile, kc);
+  }
+  };
+  if constexpr (kProducer) {
+    dispatch_group_steps(main_loop);
+  } else {
+    main_loop(std::integral_constant<int, 0>{});
   }
   cp_async_wait<0>();
 }

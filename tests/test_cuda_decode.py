@@ -445,9 +445,19 @@ def test_producer_warp_argument_checked():
                          producer_warp=True)
 
 
-def test_producer_warp_table_needs_sm90(monkeypatch):
+def test_producer_warp_table(monkeypatch):
+    """The table names blocks per SM per (bits, token tile); nothing below sm_90, and
+    never above M = 16."""
+    rule = cd._config()["producer_warp"]
+    monkeypatch.setattr(cd, "_capability", lambda index: (9, 0))
+    for bits in (4, 8):
+        for tile, listed in rule[f"int{bits}"].items():
+            assert int(tile) <= cd.PRODUCER_M_MAX
+            for bps in range(1, 5):
+                assert cd.table_producer_warp(int(tile), bits, bps, 0) == (bps in listed)
     monkeypatch.setattr(cd, "_capability", lambda index: (8, 0))
-    assert not any(cd.table_producer_warp(m, bits, 0) for m in (1, 16) for bits in (4, 8))
+    assert not any(cd.table_producer_warp(m, bits, bps, 0) for m in (1, 16)
+                   for bits in (4, 8) for bps in range(1, 5))
 
 
 def test_blocks_per_sm_argument_checked():

@@ -240,13 +240,14 @@ def _capability(device_index: int) -> Tuple[int, int]:
     return tuple(torch.cuda.get_device_capability(device_index))
 
 
-def table_producer_warp(m: int, bits: int, device_index: int) -> bool:
-    """configs/cuda_decode.json, "producer_warp": whether M's token tile runs the
-    configuration with a copying warp (bulk copies; sm_90 and later only)."""
+def table_producer_warp(m: int, bits: int, blocks_per_sm: int, device_index: int) -> bool:
+    """configs/cuda_decode.json, "producer_warp": whether M's token tile at this many
+    blocks per SM runs the configuration with a copying warp (bulk copies; compute
+    capability 9.0 and later only)."""
     rule = _config().get("producer_warp", {})
     if _capability(device_index) < tuple(rule.get("min_capability", (9, 0))):
         return False
-    return bool(rule.get(f"int{bits}", {}).get(str(m_tile(m)), False))
+    return blocks_per_sm in rule.get(f"int{bits}", {}).get(str(m_tile(m)), [])
 
 
 @functools.lru_cache(maxsize=4096)
@@ -375,7 +376,7 @@ def decode_matmul(x: torch.Tensor, prepared: DecodePrepared, bias: Optional[torc
     elif not isinstance(blocks_per_sm, int) or blocks_per_sm < 1:
         raise ValueError(f"blocks_per_sm: expected an int >= 1, got {blocks_per_sm!r}")
     if producer_warp is None:
-        producer_warp = table_producer_warp(m, prepared.bits, device.index)
+        producer_warp = table_producer_warp(m, prepared.bits, blocks_per_sm, device.index)
     elif not isinstance(producer_warp, bool):
         raise TypeError(f"producer_warp: expected a bool or None, got {producer_warp!r}")
     elif producer_warp:
