@@ -102,12 +102,15 @@ def prepared_copies(k, n, bits, group_size, dtype, symmetric=True):
     return qw, copies
 
 
-def bench_decode(copies, qw, m, dtype, blocks_per_sm=None, check=True, producer_warp=None):
-    """producer_warp: None = the launch table's choice, True / False forces it (M <= 16)."""
+def bench_decode(copies, qw, m, dtype, blocks_per_sm=None, check=True, producer_warp=None,
+                 programmatic_launch=None):
+    """producer_warp, programmatic_launch: None = the launch table's choice, True / False
+    forces it (M <= 16)."""
     x = torch.randn(m, qw.in_features, device="cuda").to(dtype)
     outs = [torch.empty(m, qw.out_features, device="cuda", dtype=dtype) for _ in copies]
     calls = [(lambda p=p, o=o: cd.decode_matmul(x, p, None, blocks_per_sm, out=o,
-                                                producer_warp=producer_warp))
+                                                producer_warp=producer_warp,
+                                                programmatic_launch=programmatic_launch))
              for p, o in zip(copies, outs)]
     err = None
     if check:

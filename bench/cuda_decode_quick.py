@@ -47,11 +47,13 @@ for bits in (4, 8):
                 x = x.to(dtype)
                 ref = x.double() @ w.t()
                 # M <= 16 also with the copying-warp configuration forced on and off
-                for producer in ((None, False, True) if m <= 16 else (None,)):
+                for producer, pdl in (((None, None), (False, None), (True, False), (True, True))
+                                      if m <= 16 else ((None, None),)):
                     outs = []
                     for _ in range(3):
                         o = torch.full((m, n), float("nan"), dtype=dtype, device="cuda")
-                        cd.decode_matmul(x, prep, None, out=o, producer_warp=producer)
+                        cd.decode_matmul(x, prep, None, out=o, producer_warp=producer,
+                                         programmatic_launch=pdl)
                         outs.append(o)
                     err = ((outs[0].double() - ref).norm() / ref.norm()).item()
                     same = all(torch.equal(outs[0], o) for o in outs[1:])
@@ -59,22 +61,24 @@ for bits in (4, 8):
                     fails += not ok
                     res["checks"].append({"bits": bits, "dtype": str(dtype), "n": n, "k": k,
                                           "gs": gs, "m": m, "one_sign": one_sign, "err": err,
-                                          "deterministic": same, "producer_warp": producer})
+                                          "deterministic": same, "producer_warp": producer,
+                                          "programmatic_launch": pdl})
 # graph replay equals eager
 qw = dqgemm.quantize(torch.randn(1536, 6144, device="cuda") * 0.02, 4, 128)
 prep = cd.prepare_decode(qw)
 x = torch.randn(5, 6144, device="cuda", dtype=torch.float16)
 graph_ok = True
-for producer in (False, True):
-    eager = cd.decode_matmul(x, prep, None, producer_warp=producer)
+for producer, pdl in ((False, None), (True, False), (True, True)):
+    launch = {"producer_warp": producer, "programmatic_launch": pdl}
+    eager = cd.decode_matmul(x, prep, None, **launch)
     static = torch.empty_like(eager)
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
-        cd.decode_matmul(x, prep, None, out=static, producer_warp=producer)
+        cd.decode_matmul(x, prep, None, out=static, **launch)
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g, stream=s):
-            cd.decode_matmul(x, prep, None, out=static, producer_warp=producer)
+            cd.decode_matmul(x, prep, None, out=static, **launch)
     torch.cuda.current_stream().wait_stream(s)
     static.fill_(float("nan"))
     g.replay()
@@ -91,23 +95,32 @@ B.HBM = bw  # the floor uses this run's copy bandwidth, not the H100's 3.0 TB/s
 res["copy_bandwidth_tbs"] = bw / 1e12
 print(f"copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
 fp16_cache = {}
-# (shape, bits, group, Ms, launches to time: (blocks per SM, producer_warp), None = the
-# launch table's). At M <= 16, 3 blocks per SM also selects the shallower shared-memory
-# ring that lets 3 fit; producer_warp True the configuration with a copying warp (3 blocks
-# per SM: 3 stages at M <= 8; fewer: 4 stages; M <= 16: 2 blocks). The small Llama-3-8B
-# layers also at 1 and 2 blocks per SM: there a block has only a few units.
-TABLE, OLD, P3, P2, P1 = (None, None), (None, False), (3, True), (2, True), (1, True)
-plan = [((8192, 28672), 4, 128, (1, 8), (TABLE, OLD, P3, P2)),
-        ((8192, 28672), 4, 128, (16,), (TABLE, OLD, P2)),
-        ((28672, 8192), 4, 128, (1,), (TABLE, OLD, P3, P2)),
-        ((28672, 8192), 4, 128, (16,), (TABLE, OLD, P2)),
-        ((8192, 8192), 4, 128, (1, 16), (TABLE, OLD, P3, P2)),
-        ((8192, 10240), 4, 128, (1, 16), (TABLE, OLD, P3, P2)),
-        ((4096, 4096), 4, 128, (1, 16), (TABLE, OLD, P3, P2, P1, (1, False))),
-        ((4096, 14336), 4, 128, (1, 16), (TABLE, OLD, P3, P2, P1)),
-        ((14336, 4096), 4, 128, (1, 16), (TABLE, OLD, P3, P2, P1)),
-        ((8192, 28672), 8, -1, (1, 16), (TABLE, OLD, P3, P2)),
-        ((8192, 8192), 8, -1, (1, 16), (TABLE, OLD, P3, P2)),
+# (shape, bits, group, Ms, launches to time: (blocks per SM, producer_warp,
+# programmatic_launch), None = the launch table's). At M <= 16, 3 blocks per SM also
+# selects the shallower shared-memory ring that lets 3 fit; producer_warp True the
+# configuration with a copying warp (3 blocks per SM: 3 stages at M <= 8; fewer: 4 stages;
+# M <= 16: 2 blocks), programmatic_launch True its programmatic dependent launch (the next
+# call's weights prefetched while the previous one finishes). The small Llama-3-8B layers
+# also at 1 block per SM: there a block has only a few units.
+TABLE, OLD = (None, None, None), (None, False, None)
+P3, P3L, P2, P2L = (3, True, False), (3, True, True), (2, True, False), (2, True, True)
+P1, P1L = (1, True, False), (1, True, True)
+plan = [((8192, 28672), 4, 128, (1, 8), (TABLE, OLD, P3, P3L)),
+        ((8192, 28672), 4, 128, (16,), (TABLE, OLD, P2, P2L)),
+        ((28672, 8192), 4, 128, (1,), (TABLE, OLD, P3, P3L)),
+        ((28672, 8192), 4, 128, (16,), (TABLE, OLD, P2, P2L)),
+        ((8192, 8192), 4, 128, (1,), (TABLE, OLD, P3, P3L)),
+        ((8192, 8192), 4, 128, (16,), (TABLE, OLD, P2, P2L)),
+        ((8192, 10240), 4, 128, (1,), (TABLE, OLD, P3, P3L)),
+        ((8192, 10240), 4, 128, (16,), (TABLE, OLD, P2, P2L)),
+        ((4096, 4096), 4, 128, (1, 16), (TABLE, OLD, P3L, P2L, P1, P1L, (1, False, None))),
+        ((4096, 6144), 4, 128, (1, 16), (TABLE, OLD, P3L, P2L, P1L)),
+        ((4096, 14336), 4, 128, (1, 16), (TABLE, OLD, P3L, P2L, P1L)),
+        ((14336, 4096), 4, 128, (1, 16), (TABLE, OLD, P3L, P2L, P1L)),
+        ((8192, 28672), 8, -1, (1,), (TABLE, OLD, P3, P3L)),
+        ((8192, 28672), 8, -1, (16,), (TABLE, OLD, P2, P2L)),
+        ((8192, 8192), 8, -1, (1,), (TABLE, OLD, P3, P3L)),
+        ((8192, 8192), 8, -1, (16,), (TABLE, OLD, P2, P2L)),
         ((8192, 28672), 4, 128, (64,), (TABLE,))]
 for (k, n), bits, gs, ms, launches in plan:
     qw, copies = B.prepared_copies(k, n, bits, gs, torch.float16)
@@ -115,17 +128,17 @@ for (k, n), bits, gs, ms, launches in plan:
         t16 = B.bench_fp16(k, n, m, fp16_cache)
         res["rows"].append({"K": k, "N": n, "M": m, "bits": 16, "us": t16})
         print(f"fp16 {k}x{n} M={m}: {t16:.1f} us", flush=True)
-        for bps, producer in launches:
+        for bps, producer, pdl in launches:
             if producer and m > cd.PRODUCER_M_MAX:
                 continue
             t, _ = B.bench_decode(copies, qw, m, torch.float16, bps, check=False,
-                                  producer_warp=producer)
+                                  producer_warp=producer, programmatic_launch=pdl)
             fl = B.floor_us(m, n, k, bits)
             row = {"K": k, "N": n, "M": m, "bits": bits, "blocks_per_sm": bps,
-                   "producer_warp": producer, "us": t, "floor_us": fl,
-                   "pct_floor": 100 * fl / t, "fp16_us": t16}
+                   "producer_warp": producer, "programmatic_launch": pdl, "us": t,
+                   "floor_us": fl, "pct_floor": 100 * fl / t, "fp16_us": t16}
             res["rows"].append(row)
-            print(f"int{bits} {k}x{n} M={m} bps={bps} producer={producer}: {t:.1f} us, "
+            print(f"int{bits} {k}x{n} M={m} bps={bps} producer={producer} pdl={pdl}: {t:.1f} us, "
                   f"floor {fl:.1f}, {100 * fl / t:.0f}%, x{t16 / t:.2f} FP16 "
                   f"({time.time() - t0:.1f}s)", flush=True)
             save()

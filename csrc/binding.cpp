@@ -71,7 +71,7 @@ void decode_gemm(uintptr_t x, uintptr_t weight, uintptr_t scales, uintptr_t zo, 
                  uintptr_t y, uintptr_t workspace, uintptr_t counters, int64_t m, int64_t n,
                  int64_t k, int64_t n_pad, int64_t k_pad, int64_t groups_padded,
                  int group_size_log2, int bits, int dtype, int zero_mode, int blocks_per_sm,
-                 bool producer_warp, int grid, uintptr_t stream) {
+                 bool producer_warp, bool programmatic_launch, int grid, uintptr_t stream) {
   dqgemm::DecodeGemmParams p;
   p.x = as_ptr<const void>(x);
   p.weight = as_ptr<const void>(weight);
@@ -93,6 +93,7 @@ void decode_gemm(uintptr_t x, uintptr_t weight, uintptr_t scales, uintptr_t zo, 
   p.zero_mode = static_cast<dqgemm::ZeroMode>(zero_mode);
   p.blocks_per_sm = blocks_per_sm;
   p.producer_warp = producer_warp;
+  p.programmatic_launch = programmatic_launch;
   p.grid = grid;
   p.stream = as_ptr<CUstream_st>(stream);
   check(dqgemm::launch_decode_gemm(p), "decode_gemm");
@@ -148,7 +149,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("zo"), py::arg("bias"), py::arg("y"), py::arg("workspace"), py::arg("counters"),
         py::arg("m"), py::arg("n"), py::arg("k"), py::arg("n_pad"), py::arg("k_pad"),
         py::arg("groups_padded"), py::arg("group_size_log2"), py::arg("bits"), py::arg("dtype"),
-        py::arg("zero_mode"), py::arg("blocks_per_sm"), py::arg("producer_warp"), py::arg("grid"),
+        py::arg("zero_mode"), py::arg("blocks_per_sm"), py::arg("producer_warp"),
+        py::arg("programmatic_launch"), py::arg("grid"),
         py::arg("stream"), "Decode GEMM (M <= 64) on a cuda_decode-packed weight; see csrc/decode_gemm.cuh.");
   m.def("decode_gemm_m_tile", &dqgemm::decode_gemm_m_tile, py::arg("m"),
         "Token tile (8/16/32/64) the decode GEMM uses for M (0 if M is out of range).");

@@ -54,6 +54,22 @@ cudaError_t launch_kernel(const DecodeGemmParams& p) {
   err = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
                              cudaSharedmemCarveoutMaxShared);
   if (err != cudaSuccess) return err;
+  if (Cfg::kProducer && p.programmatic_launch) {
+    // Programmatic dependent launch: this grid may start while the previous kernel in the
+    // stream finishes; the kernel's copying warp waits for it (griddepcontrol.wait) before
+    // its first activation copy, and prefetches weights until then.
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(static_cast<unsigned>(p.grid));
+    cfg.blockDim = dim3(Cfg::kThreads);
+    cfg.dynamicSmemBytes = Cfg::kSmemBytes;
+    cfg.stream = p.stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    return cudaLaunchKernelEx(&cfg, kernel, p);
+  }
   kernel<<<p.grid, Cfg::kThreads, Cfg::kSmemBytes, p.stream>>>(p);
   return cudaGetLastError();
 }

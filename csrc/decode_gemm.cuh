@@ -169,6 +169,21 @@ __device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t, uint32_t) { __tr
 __device__ __forceinline__ void bulk_load(uint32_t, const void*, uint32_t, uint32_t) { __trap(); }
 #endif  // DQGEMM_HAS_SPLIT_BARRIERS
 
+// Programmatic dependent launch (sm_90): griddep_wait blocks until the previous grid in the
+// stream has completed and its memory is visible (returns at once when this launch was not
+// programmatic); griddep_launch_dependents lets the next grid in the stream start launching
+// blocks (into SMs this grid's blocks leave) before this one completes.
+__device__ __forceinline__ void griddep_wait() {
+#if DQGEMM_HAS_SPLIT_BARRIERS
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void griddep_launch_dependents() {
+#if DQGEMM_HAS_SPLIT_BARRIERS
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
 // Release / acquire fence at GPU scope (lighter than __threadfence, which is fence.sc).
 __device__ __forceinline__ void fence_acq_rel_gpu() {
   asm volatile("fence.acq_rel.gpu;\n" ::: "memory");
@@ -844,12 +859,24 @@ decode_gemm_kernel(const DecodeGemmParams p) {
         wbase + (first_tile * k_blocks_per_tile +
                  static_cast<int64_t>(load_kc) * Cfg::kChunksPerStage) * 4096;
     const bool has_zo = mode != static_cast<int>(ZeroMode::kSymmetric);
-    int s = 0;
-    uint32_t round = 0;  // times the ring has been filled so far
-    for (int it = 0; it < count; ++it) {
+    // The activation rows of the stage at k0: k0 .. min(k0 + BK, K) of each of the M rows,
+    // one bulk copy each (lanes 0 .. M-1).
+    auto copy_x = [&](int s, int k0) {
+      const int x_valid = min(kBK, k_real32 - k0);  // > 0: stages start below K
+      if (lane < m_rows) {  // m_rows <= 16
+        bulk_load(smem0 + s * Cfg::kStageBytes + Cfg::kWBytes + lane * Cfg::kXRowBytes,
+                  x + (lane * k_real32 + k0), static_cast<uint32_t>(x_valid * 2),
+                  smem_addr(&full_bar[s]));
+      }
+    };
+    // Stage s takes the unit under the load cursor: zeros after K in its activation rows
+    // (a stage past K, the last of a tile; plain stores, made visible to the computing
+    // warps by the arrival that follows), one arrival on "full" with every byte the stage
+    // will receive (before any copy is issued, so the phase completes exactly when all have
+    // landed), the weight and group-parameter copies; returns the stage's k0.
+    auto fill_stage = [&](int s) {
       const uint32_t st = smem0 + s * Cfg::kStageBytes;
       const uint32_t bar = smem_addr(&full_bar[s]);
-      if (round > 0) mbar_wait_sleep(smem_addr(&empty_bar[s]), (round - 1) & 1);
       const int kb_here = static_cast<int>(
           min(static_cast<int64_t>(Cfg::kChunksPerStage),
               k_blocks_per_tile - static_cast<int64_t>(load_kc) * Cfg::kChunksPerStage));
@@ -860,10 +887,7 @@ decode_gemm_kernel(const DecodeGemmParams p) {
           static_cast<uint32_t>(min(groups_per_stage, static_cast<int>(groups_per_tile) - g0)) *
           256u;
       const int64_t poff = (load_tile * groups_per_tile + g0) * 256;
-      // Activation rows: k0 .. min(k0 + BK, K) of each of the M rows, one bulk copy each;
-      // a stage past K (the last of a tile) gets zeros after K first (plain stores, visible
-      // to the computing warps through the arrival below, like the copies).
-      const int x_valid = min(kBK, k_real32 - k0);  // > 0: stages start below K
+      const int x_valid = min(kBK, k_real32 - k0);
       if (x_valid < kBK) {
         const int tail_chunks = (kBK - x_valid) / 8;
 #pragma unroll 1
@@ -875,17 +899,12 @@ decode_gemm_kernel(const DecodeGemmParams p) {
         }
       }
       __syncwarp();
-      // One arrival with the stage's byte count, before any copy is issued, so that the
-      // phase completes exactly when every byte has landed.
       if (lane == 0) {
         mbar_arrive_expect_tx(bar, w_bytes + (has_zo ? 2u : 1u) * p_bytes +
                                        static_cast<uint32_t>(m_rows * x_valid * 2));
       }
       __syncwarp();
-      if (lane < m_rows) {  // m_rows <= 16
-        bulk_load(st + Cfg::kWBytes + lane * Cfg::kXRowBytes, x + (lane * k_real32 + k0),
-                  static_cast<uint32_t>(x_valid * 2), bar);
-      } else if (lane == 31) {
+      if (lane == 31) {
         bulk_load(st, w_src, w_bytes, bar);
       } else if (lane == 30) {
         bulk_load(st + Cfg::kWBytes + Cfg::kABytes, sbase + poff, p_bytes, bar);
@@ -894,6 +913,28 @@ decode_gemm_kernel(const DecodeGemmParams p) {
       }
       w_src += w_bytes;
       advance(load_tile, load_kc);
+      return k0;
+    };
+    // First fill of the ring: the weights and group parameters, which no earlier kernel
+    // writes, go out before the wait for the previous grid in the stream (a no-op unless
+    // this launch is programmatic, DecodeGemmParams::programmatic_launch); the activation
+    // rows, which the previous kernel may have produced, only after it.
+    const int prefetch = min(kStages, count);
+    const int first_kc = load_kc;
+#pragma unroll
+    for (int i = 0; i < kStages; ++i) {
+      if (i < prefetch) fill_stage(i);
+    }
+    griddep_wait();
+#pragma unroll
+    for (int i = 0; i < kStages; ++i) {
+      if (i < prefetch) copy_x(i, ((first_kc + i) % kc_per_tile) * kBK);
+    }
+    int s = 0;
+    uint32_t round = 1;  // the ring has been filled once
+    for (int it = prefetch; it < count; ++it) {
+      mbar_wait_sleep(smem_addr(&empty_bar[s]), (round - 1) & 1);
+      copy_x(s, fill_stage(s));
       if (++s == kStages) {
         s = 0;
         ++round;
@@ -980,6 +1021,10 @@ decode_gemm_kernel(const DecodeGemmParams p) {
   // with block barriers: 390 instructions per warp and 16 KB stage, of which 204 compute;
   // the rest was copy issue, barrier and stage bookkeeping: bench/results/NOTES.md.)
   if constexpr (kProducer) {
+    // The next grid in the stream may start launching now (programmatic launch): its
+    // blocks take SMs as ours leave, and wait for our completion before reading anything
+    // we write (its copying warp waits before its first activation copy).
+    griddep_launch_dependents();
     if (tid == 0) {
 #pragma unroll
       for (int s = 0; s < kStages; ++s) {

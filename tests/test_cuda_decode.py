@@ -414,6 +414,8 @@ def test_producer_warp_shapes(n, k, bits):
 def test_producer_warp_act_order_one_sign_and_graph_replay():
     _check(_make(576, 1536, 4, 128, act_order=True, seed=4), 5, torch.float16,
            producer_warp=True)
+    _check(_make(576, 1536, 8, -1, seed=5), 3, torch.bfloat16, repeats=2, producer_warp=True,
+           programmatic_launch=True)
     qw = _make(384, 8192, 4, 32, "zero_points", seed=7)
     x = torch.randn(9, 8192, generator=torch.Generator().manual_seed(3)).abs() + 1.0
     x[:, 100] = 60.0
@@ -436,10 +438,59 @@ def test_producer_warp_act_order_one_sign_and_graph_replay():
     assert torch.equal(static, eager)
 
 
+@producer_gpu
+@pytest.mark.parametrize("graph", [False, True])
+def test_programmatic_launch_chain_reads_the_previous_output(graph):
+    """With programmatic dependent launch the next kernel starts before the previous one
+    ends; its activation copies must still see the previous kernel's whole output. A chain
+    y1 = x W1^T, y2 = y1 W2^T, y3 = y2 W3^T (each launched programmatically, eagerly and
+    inside a CUDA graph), each checked against float64 on the activations it was given."""
+    gen = torch.Generator().manual_seed(21)
+    dims = [1536, 2048, 1536, 576]
+    preps, ws = [], []
+    for i in range(3):
+        qw = _make(dims[i + 1], dims[i], 4, 128, seed=30 + i)
+        preps.append(cd.prepare_decode(qw))
+        ws.append(qw.dequantize(torch.float64))
+    for m in (1, 7, 16):
+        x = (torch.randn(m, dims[0], generator=gen) * 0.5).half().cuda()
+        outs = [torch.full((m, d), float("nan"), dtype=torch.float16, device="cuda")
+                for d in dims[1:]]
+        launch = {"producer_warp": True, "programmatic_launch": True}
+
+        def chain():
+            cd.decode_matmul(x, preps[0], None, out=outs[0], **launch)
+            cd.decode_matmul(outs[0], preps[1], None, out=outs[1], **launch)
+            cd.decode_matmul(outs[1], preps[2], None, out=outs[2], **launch)
+        if graph:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                chain()
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g, stream=stream):
+                    chain()
+            torch.cuda.current_stream().wait_stream(stream)
+            for o in outs:
+                o.fill_(float("nan"))
+            g.replay()
+        else:
+            chain()
+        torch.cuda.synchronize()
+        inputs = [x] + outs[:2]
+        for i in range(3):
+            ref = inputs[i].double() @ ws[i].t()
+            err = ((outs[i].double() - ref).norm() / ref.norm()).item()
+            assert torch.isfinite(outs[i]).all() and err <= TOL[torch.float16], (m, i, err)
+
+
 def test_producer_warp_argument_checked():
     prep = cd.prepare_decode(dqgemm.quantize(torch.randn(128, 128) * 0.02, 4, 128))
     with pytest.raises(TypeError, match="producer_warp"):
         cd.decode_matmul(torch.randn(1, 128, dtype=torch.float16), prep, None, producer_warp=1)
+    with pytest.raises(TypeError, match="programmatic_launch"):
+        cd.decode_matmul(torch.randn(1, 128, dtype=torch.float16), prep, None,
+                         programmatic_launch="yes")
     with pytest.raises(ValueError, match="producer_warp.*M <= 16"):
         cd.decode_matmul(torch.randn(17, 128, dtype=torch.float16), prep, None,
                          producer_warp=True)

@@ -351,12 +351,15 @@ PRODUCER_M_MAX = 16     # token tiles with a copying-warp configuration (8 and 1
 def decode_matmul(x: torch.Tensor, prepared: DecodePrepared, bias: Optional[torch.Tensor],
                   blocks_per_sm: Optional[int] = None,
                   out: Optional[torch.Tensor] = None,
-                  producer_warp: Optional[bool] = None) -> torch.Tensor:
+                  producer_warp: Optional[bool] = None,
+                  programmatic_launch: Optional[bool] = None) -> torch.Tensor:
     """y = x @ W^T (+ bias) with the decode kernel. x: contiguous [M, K] fp16/bf16 on the
     weight's device, 1 <= M <= 64. ``blocks_per_sm`` and ``producer_warp`` (the
     configuration with a copying warp: M <= 16, compute capability 9.0+) override the
-    launch table (tuning, tests); ``out`` is an optional contiguous [M, N] result buffer of
-    x's dtype (tests poison it)."""
+    launch table (tuning, tests), as does ``programmatic_launch`` (with the copying warp:
+    programmatic dependent launch, the weights prefetched while the previous kernel in the
+    stream finishes); ``out`` is an optional contiguous [M, N] result buffer of x's dtype
+    (tests poison it)."""
     ext = _ext.extension()
     if ext is None:
         raise RuntimeError(f"dqgemm CUDA extension {_ext.extension_error()}")
@@ -386,6 +389,12 @@ def decode_matmul(x: torch.Tensor, prepared: DecodePrepared, bias: Optional[torc
         if _capability(device.index) < (9, 0):
             raise ValueError(f"producer_warp: needs compute capability 9.0 or later, "
                              f"{device} has {_capability(device.index)}")
+    if programmatic_launch is None:
+        programmatic_launch = producer_warp and bool(
+            _config().get("producer_warp", {}).get("programmatic_launch", False))
+    elif not isinstance(programmatic_launch, bool):
+        raise TypeError(f"programmatic_launch: expected a bool or None, got "
+                        f"{programmatic_launch!r}")
     grid = grid_size(m, n, k, prepared.bits, device.index, blocks_per_sm)
     stream = _ext.stream_handle(device)
     ws, counters = workspace(device, stream, 2 * grid * m * TILE_N, n_pad // TILE_N)
@@ -398,7 +407,8 @@ def decode_matmul(x: torch.Tensor, prepared: DecodePrepared, bias: Optional[torc
         groups_padded=groups_padded(k, prepared.group_size),
         group_size_log2=group_size_log2(k, prepared.group_size), bits=prepared.bits,
         dtype=_ext.dtype_code(x.dtype, "x"), zero_mode=_ext.ZERO_MODE_CODES[prepared.zero_mode],
-        blocks_per_sm=blocks_per_sm, producer_warp=producer_warp, grid=grid, stream=stream)
+        blocks_per_sm=blocks_per_sm, producer_warp=producer_warp,
+        programmatic_launch=programmatic_launch, grid=grid, stream=stream)
     return y
 
 
