@@ -378,10 +378,12 @@ def decode_matmul(x: torch.Tensor, prepared: DecodePrepared, bias: Optional[torc
         blocks_per_sm = table_blocks_per_sm(m, prepared.bits, work_units(m, n, k, prepared.bits))
     elif not isinstance(blocks_per_sm, int) or blocks_per_sm < 1:
         raise ValueError(f"blocks_per_sm: expected an int >= 1, got {blocks_per_sm!r}")
+    for name, value in (("producer_warp", producer_warp),
+                        ("programmatic_launch", programmatic_launch)):
+        if value is not None and not isinstance(value, bool):
+            raise TypeError(f"{name}: expected a bool or None, got {value!r}")
     if producer_warp is None:
         producer_warp = table_producer_warp(m, prepared.bits, blocks_per_sm, device.index)
-    elif not isinstance(producer_warp, bool):
-        raise TypeError(f"producer_warp: expected a bool or None, got {producer_warp!r}")
     elif producer_warp:
         if m > PRODUCER_M_MAX:
             raise ValueError(f"producer_warp: the copying-warp configuration serves "
@@ -392,9 +394,6 @@ def decode_matmul(x: torch.Tensor, prepared: DecodePrepared, bias: Optional[torc
     if programmatic_launch is None:
         programmatic_launch = producer_warp and bool(
             _config().get("producer_warp", {}).get("programmatic_launch", False))
-    elif not isinstance(programmatic_launch, bool):
-        raise TypeError(f"programmatic_launch: expected a bool or None, got "
-                        f"{programmatic_launch!r}")
     grid = grid_size(m, n, k, prepared.bits, device.index, blocks_per_sm)
     stream = _ext.stream_handle(device)
     ws, counters = workspace(device, stream, 2 * grid * m * TILE_N, n_pad // TILE_N)
