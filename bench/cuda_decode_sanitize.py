@@ -5,7 +5,9 @@
 
 Covers every kernel configuration family it can cheaply reach: 4/8-bit, fp16/bf16, the four
 token tiles (M = 1, 9, 33, 64), grouped and per-channel, all zero modes, the stream-K fixup
-(long K, few channels) and N/K tails. The reference runs on the CPU (no cuBLAS under the tool).
+(long K, few channels) and N/K tails; at M <= 16 both the configuration with a copying warp
+(with its programmatic launch) and the others. The reference runs on the CPU (no cuBLAS
+under the tool).
 """
 import torch
 
@@ -25,14 +27,17 @@ for bits in (4, 8):
             ref_w = qw.dequantize(torch.float64)
             for m in (1, 9, 33, 64):
                 x = torch.randn(m, k).to(dtype)
-                out = torch.full((m, n), float("nan"), dtype=dtype, device="cuda")
-                cd.decode_matmul(x.cuda(), prep, None, out=out)
                 ref = x.double() @ ref_w.t()
-                err = ((out.cpu().double() - ref).norm() / ref.norm()).item()
-                cases += 1
-                tol = 2e-3 if dtype == torch.float16 else 1e-2
-                if not err <= tol:
-                    failures += 1
-                    print(f"FAIL bits={bits} {dtype} n={n} k={k} gs={gs} m={m}: {err:.3e}")
+                for launch in (({"producer_warp": True, "programmatic_launch": True},
+                                {"producer_warp": False}) if m <= 16 else ({},)):
+                    out = torch.full((m, n), float("nan"), dtype=dtype, device="cuda")
+                    cd.decode_matmul(x.cuda(), prep, None, out=out, **launch)
+                    err = ((out.cpu().double() - ref).norm() / ref.norm()).item()
+                    cases += 1
+                    tol = 2e-3 if dtype == torch.float16 else 1e-2
+                    if not err <= tol:
+                        failures += 1
+                        print(f"FAIL bits={bits} {dtype} n={n} k={k} gs={gs} m={m} {launch}: "
+                              f"{err:.3e}")
 torch.cuda.synchronize()
 print(f"sanitize sweep: {cases} cases, {failures} failures")
