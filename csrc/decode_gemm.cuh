@@ -871,9 +871,10 @@ decode_gemm_kernel(const DecodeGemmParams p) {
     };
     // Stage s takes the unit under the load cursor: zeros after K in its activation rows
     // (a stage past K, the last of a tile; plain stores, made visible to the computing
-    // warps by the arrival that follows), one arrival on "full" with every byte the stage
-    // will receive (before any copy is issued, so the phase completes exactly when all have
-    // landed), the weight and group-parameter copies; returns the stage's k0.
+    // warps by the arrivals that follow), the lanes' arrivals on "full", one of them with
+    // every byte the stage will receive (before any copy is issued, so the phase completes
+    // exactly when all have landed), the weight and group-parameter copies; returns the
+    // stage's k0.
     auto fill_stage = [&](int s) {
       const uint32_t st = smem0 + s * Cfg::kStageBytes;
       const uint32_t bar = smem_addr(&full_bar[s]);
@@ -898,10 +899,13 @@ decode_gemm_kernel(const DecodeGemmParams p) {
                                     row * Cfg::kXRowBytes + chunk * 16) = make_uint4(0, 0, 0, 0);
         }
       }
-      __syncwarp();
+      // Every lane arrives (so each releases its own zero stores); lane 0's arrival also
+      // sets the byte count, and all arrive before any copy is issued.
       if (lane == 0) {
         mbar_arrive_expect_tx(bar, w_bytes + (has_zo ? 2u : 1u) * p_bytes +
                                        static_cast<uint32_t>(m_rows * x_valid * 2));
+      } else {
+        mbar_arrive(bar);
       }
       __syncwarp();
       if (lane == 31) {
@@ -1028,7 +1032,7 @@ decode_gemm_kernel(const DecodeGemmParams p) {
     if (tid == 0) {
 #pragma unroll
       for (int s = 0; s < kStages; ++s) {
-        mbar_init(smem_addr(&full_bar[s]), 1);  // the copying warp's arrive.expect_tx
+        mbar_init(smem_addr(&full_bar[s]), 32);  // the copying warp's lanes
         mbar_init(smem_addr(&empty_bar[s]), Cfg::kComputeThreads);
       }
       mbar_init_fence();
