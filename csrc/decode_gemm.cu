@@ -12,6 +12,11 @@
 //   M <= 32: 4 warps, 2 slices each,              4 token tiles, BK = 128, 4 stages
 //   M <= 64: 2 warps, 4 slices each,              8 token tiles, BK = 64,  4 stages
 //
+// At M <= 16 on sm_90 the launcher can also run the same tiles with one more warp that
+// only copies (DecodeGemmParams::producer_warp, Config::kProducer: bulk copies of weights,
+// group parameters and activation rows, mbarrier hand-over, optionally a programmatic
+// dependent launch); cuda_decode.py decides from configs/cuda_decode.json.
+//
 // Why 16 KB stages at M <= 16: the kernel is bound by instruction issue and latency, not by
 // bytes in flight (ncu on the H200, bench/results/NOTES.md: 0.53 issued warps per scheduler
 // and cycle, 35% of DRAM peak at 8 KB stages). Every stage pays a fixed cost (barrier, wait,

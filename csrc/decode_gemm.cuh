@@ -48,7 +48,10 @@
 // Activations for the chunk (M rows x BK, XOR-swizzled 16-byte chunks) are loaded into
 // shared memory with the weights and read with ldmatrix.x4.
 // Stage hand-over: one block barrier per stage, or (Config::kSplitBarriers, INT4 M <= 16)
-// a "full" and an "empty" mbarrier per stage, so that warps need not meet at every stage.
+// a "full" and an "empty" mbarrier per stage, so that warps need not meet at every stage,
+// or (Config::kProducer, sm_90) a copying warp that fills the ring with bulk copies while
+// the computing warps only wait on "full" and arrive on "empty" (activation rows padded by
+// 16 bytes instead of swizzled there; see the kernel's main loop).
 //
 // Work partition (stream-K, deterministic): the U = n_tiles * (K_pad / BK) units, in
 // order (n_tile major), are cut into gridDim.x contiguous ranges of equal size (+-1). A

@@ -505,9 +505,13 @@ def test_producer_warp_table(monkeypatch):
         for tile, listed in rule[f"int{bits}"].items():
             assert int(tile) <= cd.PRODUCER_M_MAX
             for bps in range(1, 5):
-                assert cd.table_producer_warp(int(tile), bits, bps, 0) == (bps in listed)
+                big = int(rule.get("min_units", 0)) + 1
+                assert cd.table_producer_warp(int(tile), bits, bps, big, 0) == (bps in listed)
+                if rule.get("min_units", 0) > 0:
+                    assert not cd.table_producer_warp(int(tile), bits, bps,
+                                                      rule["min_units"] - 1, 0)
     monkeypatch.setattr(cd, "_capability", lambda index: (8, 0))
-    assert not any(cd.table_producer_warp(m, bits, bps, 0) for m in (1, 16)
+    assert not any(cd.table_producer_warp(m, bits, bps, 10 ** 6, 0) for m in (1, 16)
                    for bits in (4, 8) for bps in range(1, 5))
 
 

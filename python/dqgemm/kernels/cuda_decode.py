@@ -240,12 +240,15 @@ def _capability(device_index: int) -> Tuple[int, int]:
     return tuple(torch.cuda.get_device_capability(device_index))
 
 
-def table_producer_warp(m: int, bits: int, blocks_per_sm: int, device_index: int) -> bool:
-    """configs/cuda_decode.json, "producer_warp": whether M's token tile at this many
-    blocks per SM runs the configuration with a copying warp (bulk copies; compute
-    capability 9.0 and later only)."""
+def table_producer_warp(m: int, bits: int, blocks_per_sm: int, units: int,
+                        device_index: int) -> bool:
+    """configs/cuda_decode.json, "producer_warp": whether a layer of ``units`` units of
+    work, at M's token tile and this many blocks per SM, runs the configuration with a
+    copying warp (bulk copies; compute capability 9.0 and later only)."""
     rule = _config().get("producer_warp", {})
     if _capability(device_index) < tuple(rule.get("min_capability", (9, 0))):
+        return False
+    if units < int(rule.get("min_units", 0)):
         return False
     return blocks_per_sm in rule.get(f"int{bits}", {}).get(str(m_tile(m)), [])
 
@@ -383,7 +386,8 @@ def decode_matmul(x: torch.Tensor, prepared: DecodePrepared, bias: Optional[torc
         if value is not None and not isinstance(value, bool):
             raise TypeError(f"{name}: expected a bool or None, got {value!r}")
     if producer_warp is None:
-        producer_warp = table_producer_warp(m, prepared.bits, blocks_per_sm, device.index)
+        producer_warp = table_producer_warp(m, prepared.bits, blocks_per_sm,
+                                            work_units(m, n, k, prepared.bits), device.index)
     elif producer_warp:
         if m > PRODUCER_M_MAX:
             raise ValueError(f"producer_warp: the copying-warp configuration serves "
