@@ -556,9 +556,9 @@ struct Config {
   // Per-stage "full" / "empty" mbarriers instead of one block barrier per stage (see the
   // kernel's main loop); chosen per configuration by the launcher, from measurements.
   static constexpr bool kSplitBarriers = SPLIT_BARRIERS;
-  // One more warp that only copies (bulk copies of the weights and group parameters,
-  // cp.async of the activations), so that the computing warps issue no copies and meet at
-  // no block barrier: see the kernel's main loop. sm_90 and later.
+  // One more warp that only copies (bulk copies of the weights, the group parameters and
+  // each activation row), so that the computing warps issue no copies and meet at no block
+  // barrier: see the kernel's main loop. sm_90 and later.
   static constexpr bool kProducer = PRODUCER;
   static constexpr int kBN = 128;                // channels per n_tile (layout constant)
   static constexpr int kWarps = 8 / WN16;        // computing warps
@@ -1024,9 +1024,9 @@ decode_gemm_kernel(const DecodeGemmParams p) {
   // lanes issue one bulk copy each: the unit's weights (one contiguous range), its group
   // parameters, and each activation row (zeros stored past K first). The computing warps
   // then issue no copy instructions and meet at no block barrier: they wait on "full",
-  // compute, arrive on "empty". (ncu on the ring
-  // with block barriers: 390 instructions per warp and 16 KB stage, of which 204 compute;
-  // the rest was copy issue, barrier and stage bookkeeping: bench/results/NOTES.md.)
+  // compute, arrive on "empty". (ncu on the ring with block barriers: 390 instructions per
+  // warp and 16 KB stage, of which 204 compute; the rest was copy issue, barrier and stage
+  // bookkeeping: bench/results/NOTES.md.)
   if constexpr (kProducer) {
     // The next grid in the stream may start launching now (programmatic launch): its
     // blocks take SMs as ours leave, and wait for our completion before reading anything
