@@ -491,6 +491,9 @@ def test_producer_warp_argument_checked():
     with pytest.raises(TypeError, match="programmatic_launch"):
         cd.decode_matmul(torch.randn(1, 128, dtype=torch.float16), prep, None,
                          programmatic_launch="yes")
+    with pytest.raises(ValueError, match="programmatic_launch.*producer_warp=False"):
+        cd.decode_matmul(torch.randn(1, 128, dtype=torch.float16), prep, None,
+                         producer_warp=False, programmatic_launch=True)
     with pytest.raises(ValueError, match="producer_warp.*M <= 16"):
         cd.decode_matmul(torch.randn(17, 128, dtype=torch.float16), prep, None,
                          producer_warp=True)

@@ -398,6 +398,9 @@ def decode_matmul(x: torch.Tensor, prepared: DecodePrepared, bias: Optional[torc
     if programmatic_launch is None:
         programmatic_launch = producer_warp and bool(
             _config().get("producer_warp", {}).get("programmatic_launch", False))
+    elif programmatic_launch and not producer_warp:
+        raise ValueError("programmatic_launch: only the copying-warp configuration has it; "
+                         "expected producer_warp=True with it, got producer_warp=False")
     grid = grid_size(m, n, k, prepared.bits, device.index, blocks_per_sm)
     stream = _ext.stream_handle(device)
     ws, counters = workspace(device, stream, 2 * grid * m * TILE_N, n_pad // TILE_N)
