@@ -150,8 +150,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("m"), py::arg("n"), py::arg("k"), py::arg("n_pad"), py::arg("k_pad"),
         py::arg("groups_padded"), py::arg("group_size_log2"), py::arg("bits"), py::arg("dtype"),
         py::arg("zero_mode"), py::arg("blocks_per_sm"), py::arg("producer_warp"),
-        py::arg("programmatic_launch"), py::arg("grid"),
-        py::arg("stream"), "Decode GEMM (M <= 64) on a cuda_decode-packed weight; see csrc/decode_gemm.cuh.");
+        py::arg("programmatic_launch"), py::arg("grid"), py::arg("stream"),
+        "Decode GEMM (M <= 64) on a cuda_decode-packed weight; see csrc/decode_gemm.cuh.");
   m.def("decode_gemm_m_tile", &dqgemm::decode_gemm_m_tile, py::arg("m"),
         "Token tile (8/16/32/64) the decode GEMM uses for M (0 if M is out of range).");
   m.def("decode_gemm_stage_k", &dqgemm::decode_gemm_stage_k, py::arg("m"), py::arg("bits"),

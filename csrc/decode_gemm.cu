@@ -35,7 +35,8 @@
 // at M <= 16 (two at M <= 8, one at M <= 16), each folded and unfolded where it can fold.
 // Zero-point mode and group size are run-time (uniform branches once per group).
 // Constraints checked here: M in 1..64, bits 4/8, fp16/bf16, K % 8 == 0, M * K < 2^31
-// (32-bit activation offsets), aligned x,
+// (32-bit activation offsets), aligned x, the copying warp only at M <= 16 and the
+// programmatic launch only with it,
 // padded sizes multiples of 128, a grid no larger than the number of units.
 // Test: pytest tests/test_cuda_decode.py. Benchmark: python bench/cuda_decode_bench.py.
 
@@ -151,7 +152,9 @@ cudaError_t launch_decode_gemm(const DecodeGemmParams& p) {
       (reinterpret_cast<uintptr_t>(p.x) & 15u) != 0 ||
       p.weight == nullptr || p.scales == nullptr || p.y == nullptr || p.counters == nullptr ||
       p.workspace == nullptr ||
-      (p.zero_mode != ZeroMode::kSymmetric && p.zo == nullptr)) {
+      (p.zero_mode != ZeroMode::kSymmetric && p.zo == nullptr) ||
+      (p.producer_warp && decode_gemm_m_tile(p.m) > 16) ||
+      (p.programmatic_launch && !p.producer_warp)) {
     return cudaErrorInvalidValue;
   }
   const int64_t units = (p.n_pad / 128) * ((p.k_pad + bk - 1) / bk);
