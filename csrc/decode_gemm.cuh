@@ -656,9 +656,8 @@ __device__ __forceinline__ void finish_segment(const DecodeGemmParams& p,
     });
     // With kNamedSync one thread fences for the block after the barrier (the barrier
     // orders the others' stores before its fence; the fence is cumulative), instead of
-    // every thread.
-    // (release / acquire fences there: the counter is the only flag, so sequential
-    // consistency buys nothing.)
+    // every thread, and with release / acquire fences: the counter is the only flag, so
+    // sequential consistency buys nothing.
     if constexpr (!kNamedSync) __threadfence();
     if constexpr (kNamedSync) {
       named_sync<kThreads>();

@@ -63,3 +63,17 @@ def make_quantized(n: int, k: int, bits: int, group_size: int, mode: str = "symm
         g_idx = (torch.arange(k) // gs)[perm].to(torch.int32)
         qw = qw.replace(g_idx=g_idx.to(device))
     return qw
+
+
+def capture_graph(fn):
+    """A CUDA graph of fn(), captured on a side stream after one warm-up call there (the
+    kernels' workspaces are cached per stream, so the capture allocates nothing)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    return graph

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import dqgemm
-from _util import make_quantized
+from _util import capture_graph, make_quantized
 from dqgemm import _ext, registry
 from dqgemm.kernels import cuda_decode as cd
 
@@ -310,24 +310,32 @@ def test_bitwise_deterministic(m):
     _check(qw, m, torch.bfloat16, repeats=4)
 
 
+def _producer_reason():
+    if _gpu_reason() is not None:
+        return _gpu_reason()
+    if torch.cuda.get_device_capability() < (9, 0):
+        return "the copying-warp configuration needs compute capability 9.0+"
+    return None
+
+
+producer_gpu = pytest.mark.skipif(_producer_reason() is not None,
+                                  reason=f"needs an sm_90 GPU: {_producer_reason()}")
+
+
 @gpu
-def test_counters_left_at_zero_and_graph_replay():
+@pytest.mark.parametrize("launch", [
+    pytest.param({}, id="table"),
+    pytest.param({"producer_warp": True}, marks=producer_gpu, id="producer_warp")])
+def test_counters_left_at_zero_and_graph_replay(launch):
     qw = _make(1536, 6144, 4, 128, seed=9)
     prep = cd.prepare_decode(qw)
     x = torch.randn(3, 6144, device="cuda", dtype=torch.float16)
-    eager = cd.decode_matmul(x, prep, None)
+    eager = cd.decode_matmul(x, prep, None, **launch)
     torch.cuda.synchronize()
     for ws, counters in cd._WORKSPACES.values():
         assert int(counters.abs().sum()) == 0
     static_out = torch.empty_like(eager)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        cd.decode_matmul(x, prep, None, out=static_out)  # warm-up: workspace for this stream
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=stream):
-            cd.decode_matmul(x, prep, None, out=static_out)
-    torch.cuda.current_stream().wait_stream(stream)
+    graph = capture_graph(lambda: cd.decode_matmul(x, prep, None, out=static_out, **launch))
     for _ in range(3):
         static_out.fill_(float("nan"))
         graph.replay()
@@ -372,18 +380,6 @@ def test_shallow_rings(bits, blocks_per_sm):
         assert err <= TOL[torch.float16], f"M={m}: {err:.3e}"
 
 
-def _producer_reason():
-    if _gpu_reason() is not None:
-        return _gpu_reason()
-    if torch.cuda.get_device_capability() < (9, 0):
-        return "the copying-warp configuration needs compute capability 9.0+"
-    return None
-
-
-producer_gpu = pytest.mark.skipif(_producer_reason() is not None,
-                                  reason=f"needs an sm_90 GPU: {_producer_reason()}")
-
-
 @producer_gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("mode", ["symmetric", "zero_points", "offsets"])
@@ -411,7 +407,7 @@ def test_producer_warp_shapes(n, k, bits):
 
 
 @producer_gpu
-def test_producer_warp_act_order_one_sign_and_graph_replay():
+def test_producer_warp_act_order_and_one_sign():
     _check(_make(576, 1536, 4, 128, act_order=True, seed=4), 5, torch.float16,
            producer_warp=True)
     _check(_make(576, 1536, 8, -1, seed=5), 3, torch.bfloat16, repeats=2, producer_warp=True,
@@ -420,22 +416,6 @@ def test_producer_warp_act_order_one_sign_and_graph_replay():
     x = torch.randn(9, 8192, generator=torch.Generator().manual_seed(3)).abs() + 1.0
     x[:, 100] = 60.0
     _check(qw, 9, torch.bfloat16, x=x.to(torch.bfloat16).cuda(), producer_warp=True)
-    prep = cd.prepare_decode(_make(1536, 6144, 4, 128, seed=8))
-    x = torch.randn(3, 6144, generator=torch.Generator().manual_seed(4)).half().cuda()
-    eager = cd.decode_matmul(x, prep, None, producer_warp=True)
-    static = torch.empty_like(eager)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        cd.decode_matmul(x, prep, None, out=static, producer_warp=True)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=stream):
-            cd.decode_matmul(x, prep, None, out=static, producer_warp=True)
-    torch.cuda.current_stream().wait_stream(stream)
-    static.fill_(float("nan"))
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(static, eager)
 
 
 @producer_gpu
@@ -463,14 +443,7 @@ def test_programmatic_launch_chain_reads_the_previous_output(graph):
             cd.decode_matmul(outs[0], preps[1], None, out=outs[1], **launch)
             cd.decode_matmul(outs[1], preps[2], None, out=outs[2], **launch)
         if graph:
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                chain()
-                g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g, stream=stream):
-                    chain()
-            torch.cuda.current_stream().wait_stream(stream)
+            g = capture_graph(chain)
             for o in outs:
                 o.fill_(float("nan"))
             g.replay()
@@ -503,12 +476,12 @@ def test_producer_warp_table(monkeypatch):
     """The table names blocks per SM per (bits, token tile); nothing below sm_90, and
     never above M = 16."""
     rule = cd._config()["producer_warp"]
+    big = int(rule.get("min_units", 0)) + 1
     monkeypatch.setattr(cd, "_capability", lambda index: (9, 0))
     for bits in (4, 8):
         for tile, listed in rule[f"int{bits}"].items():
             assert int(tile) <= cd.PRODUCER_M_MAX
             for bps in range(1, 5):
-                big = int(rule.get("min_units", 0)) + 1
                 assert cd.table_producer_warp(int(tile), bits, bps, big, 0) == (bps in listed)
                 if rule.get("min_units", 0) > 0:
                     assert not cd.table_producer_warp(int(tile), bits, bps,

@@ -11,7 +11,7 @@ import torch
 
 import dqgemm
 from _util import TOLERANCE as TOL
-from _util import make_quantized
+from _util import capture_graph, make_quantized
 from dqgemm import ops, registry
 from dqgemm.kernels import cuda_decode as cd
 from dqgemm.kernels import cuda_prefill as cp
@@ -382,14 +382,7 @@ def test_counters_left_at_zero_and_graph_replay(launch):
     for _, counters in cd._WORKSPACES.values():
         assert int(counters.abs().sum()) == 0
     static_out = torch.empty_like(eager)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        cp.prefill_matmul(x, prep, None, out=static_out, **launch)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=stream):
-            cp.prefill_matmul(x, prep, None, out=static_out, **launch)
-    torch.cuda.current_stream().wait_stream(stream)
+    graph = capture_graph(lambda: cp.prefill_matmul(x, prep, None, out=static_out, **launch))
     for _ in range(3):
         static_out.fill_(float("nan"))
         graph.replay()

@@ -377,8 +377,9 @@ def decode_matmul(x: torch.Tensor, prepared: DecodePrepared, bias: Optional[torc
     n = prepared.n
     n_pad, k_pad = padded_sizes(n, k)
     device = x.device
+    units = work_units(m, n, k, prepared.bits)
     if blocks_per_sm is None:
-        blocks_per_sm = table_blocks_per_sm(m, prepared.bits, work_units(m, n, k, prepared.bits))
+        blocks_per_sm = table_blocks_per_sm(m, prepared.bits, units)
     elif not isinstance(blocks_per_sm, int) or blocks_per_sm < 1:
         raise ValueError(f"blocks_per_sm: expected an int >= 1, got {blocks_per_sm!r}")
     for name, value in (("producer_warp", producer_warp),
@@ -386,8 +387,8 @@ def decode_matmul(x: torch.Tensor, prepared: DecodePrepared, bias: Optional[torc
         if value is not None and not isinstance(value, bool):
             raise TypeError(f"{name}: expected a bool or None, got {value!r}")
     if producer_warp is None:
-        producer_warp = table_producer_warp(m, prepared.bits, blocks_per_sm,
-                                            work_units(m, n, k, prepared.bits), device.index)
+        producer_warp = table_producer_warp(m, prepared.bits, blocks_per_sm, units,
+                                            device.index)
     elif producer_warp:
         if m > PRODUCER_M_MAX:
             raise ValueError(f"producer_warp: the copying-warp configuration serves "
