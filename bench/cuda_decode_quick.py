@@ -46,9 +46,11 @@ for bits in (4, 8):
                     x[:, 7] = 60.0
                 x = x.to(dtype)
                 ref = x.double() @ w.t()
-                # M <= 16 also with the copying-warp configuration forced on and off
-                for producer, pdl in (((None, None), (False, None), (True, False), (True, True))
-                                      if m <= 16 else ((None, None),)):
+                # M <= 16 also with the copying-warp configuration forced on and off; every M
+                # also as a programmatic launch of the cp.async rings
+                for producer, pdl in (((None, None), (False, None), (False, True),
+                                       (True, False), (True, True))
+                                      if m <= 16 else ((None, None), (False, True))):
                     outs = []
                     for _ in range(3):
                         o = torch.full((m, n), float("nan"), dtype=dtype, device="cuda")
@@ -68,7 +70,7 @@ qw = dqgemm.quantize(torch.randn(1536, 6144, device="cuda") * 0.02, 4, 128)
 prep = cd.prepare_decode(qw)
 x = torch.randn(5, 6144, device="cuda", dtype=torch.float16)
 graph_ok = True
-for producer, pdl in ((False, None), (True, False), (True, True)):
+for producer, pdl in ((False, None), (False, True), (True, False), (True, True)):
     launch = {"producer_warp": producer, "programmatic_launch": pdl}
     eager = cd.decode_matmul(x, prep, None, **launch)
     static = torch.empty_like(eager)
@@ -99,29 +101,22 @@ fp16_cache = {}
 # programmatic_launch), None = the launch table's). At M <= 16, 3 blocks per SM also
 # selects the shallower shared-memory ring that lets 3 fit; producer_warp True the
 # configuration with a copying warp (3 blocks per SM: 3 stages at M <= 8; fewer: 4 stages;
-# M <= 16: 2 blocks), programmatic_launch True its programmatic dependent launch (the next
-# call's weights prefetched while the previous one finishes). The small Llama-3-8B layers
-# also at 1 block per SM: there a block has only a few units.
-TABLE, OLD = (None, None, None), (None, False, None)
-P3, P3L, P2, P2L = (3, True, False), (3, True, True), (2, True, False), (2, True, True)
-P1, P1L = (1, True, False), (1, True, True)
-plan = [((8192, 28672), 4, 128, (1, 8), (TABLE, OLD, P3, P3L)),
-        ((8192, 28672), 4, 128, (16,), (TABLE, OLD, P2, P2L)),
-        ((28672, 8192), 4, 128, (1,), (TABLE, OLD, P3, P3L)),
-        ((28672, 8192), 4, 128, (16,), (TABLE, OLD, P2, P2L)),
-        ((8192, 8192), 4, 128, (1,), (TABLE, OLD, P3, P3L)),
-        ((8192, 8192), 4, 128, (16,), (TABLE, OLD, P2, P2L)),
-        ((8192, 10240), 4, 128, (1,), (TABLE, OLD, P3, P3L)),
-        ((8192, 10240), 4, 128, (16,), (TABLE, OLD, P2, P2L)),
-        ((4096, 4096), 4, 128, (1, 16), (TABLE, OLD, P3L, P2L, P1, P1L, (1, False, None))),
-        ((4096, 6144), 4, 128, (1, 16), (TABLE, OLD, P3L, P2L, P1L)),
-        ((4096, 14336), 4, 128, (1, 16), (TABLE, OLD, P3L, P2L, P1L)),
-        ((14336, 4096), 4, 128, (1, 16), (TABLE, OLD, P3L, P2L, P1L)),
-        ((8192, 28672), 8, -1, (1,), (TABLE, OLD, P3, P3L)),
-        ((8192, 28672), 8, -1, (16,), (TABLE, OLD, P2, P2L)),
-        ((8192, 8192), 8, -1, (1,), (TABLE, OLD, P3, P3L)),
-        ((8192, 8192), 8, -1, (16,), (TABLE, OLD, P2, P2L)),
-        ((8192, 28672), 4, 128, (64,), (TABLE,))]
+# M <= 16: 2 blocks), False the cp.async rings; programmatic_launch True a programmatic
+# dependent launch (the next call's first weight stages fetched while the previous call
+# finishes: calls overlap here as they do in a chain of dependent kernels with
+# dqgemm.programmatic_launch()). Earlier plans (the copying warp against the rings on the
+# 70B layers) and their results: bench/results/h200_2026-12-02_decode_s8_*_quick.json.
+TABLE, RING, RINGL = (None, None, None), (None, False, None), (None, False, True)
+P3, P3L, P2L = (3, True, False), (3, True, True), (2, True, True)
+plan = [((8192, 28672), 4, 128, (1,), (TABLE, RING, RINGL, P3, P3L)),
+        ((8192, 28672), 4, 128, (16,), (TABLE, RING, RINGL, P2L)),
+        ((4096, 4096), 4, 128, (1, 16), (TABLE, RINGL, (1, True, True))),
+        ((4096, 6144), 4, 128, (1, 16), (TABLE, RINGL)),
+        ((4096, 28672), 4, 128, (1, 16), (TABLE, RINGL, P3, P3L)),
+        ((14336, 4096), 4, 128, (1, 16), (TABLE, RINGL, P3, P3L)),
+        ((8192, 8192), 8, -1, (1,), (TABLE, RINGL)),
+        ((4096, 4096), 8, -1, (1,), (TABLE, RINGL)),
+        ((8192, 28672), 4, 128, (64,), (TABLE, RINGL))]
 for (k, n), bits, gs, ms, launches in plan:
     qw, copies = B.prepared_copies(k, n, bits, gs, torch.float16)
     for m in ms:

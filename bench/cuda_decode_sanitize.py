@@ -6,7 +6,8 @@
 Covers every kernel configuration family it can cheaply reach: 4/8-bit, fp16/bf16, the four
 token tiles (M = 1, 9, 33, 64), grouped and per-channel, all zero modes, the stream-K fixup
 (long K, few channels) and N/K tails; at M <= 16 both the configuration with a copying warp
-(with its programmatic launch) and the others. The reference runs on the CPU (no cuBLAS
+(with its programmatic launch) and the others; every M also as a programmatic launch of
+the cp.async rings. The reference runs on the CPU (no cuBLAS
 under the tool).
 """
 import torch
@@ -29,7 +30,9 @@ for bits in (4, 8):
                 x = torch.randn(m, k).to(dtype)
                 ref = x.double() @ ref_w.t()
                 for launch in (({"producer_warp": True, "programmatic_launch": True},
-                                {"producer_warp": False}) if m <= 16 else ({},)):
+                                {"producer_warp": False},
+                                {"producer_warp": False, "programmatic_launch": True})
+                               if m <= 16 else ({}, {"programmatic_launch": True})):
                     out = torch.full((m, n), float("nan"), dtype=dtype, device="cuda")
                     cd.decode_matmul(x.cuda(), prep, None, out=out, **launch)
                     err = ((out.cpu().double() - ref).norm() / ref.norm()).item()

@@ -35,8 +35,7 @@
 // at M <= 16 (two at M <= 8, one at M <= 16), each folded and unfolded where it can fold.
 // Zero-point mode and group size are run-time (uniform branches once per group).
 // Constraints checked here: M in 1..64, bits 4/8, fp16/bf16, K % 8 == 0, M * K < 2^31
-// (32-bit activation offsets), aligned x, the copying warp only at M <= 16 and the
-// programmatic launch only with it,
+// (32-bit activation offsets), aligned x, the copying warp only at M <= 16,
 // padded sizes multiples of 128, a grid no larger than the number of units.
 // Test: pytest tests/test_cuda_decode.py. Benchmark: python bench/cuda_decode_bench.py.
 
@@ -60,10 +59,10 @@ cudaError_t launch_kernel(const DecodeGemmParams& p) {
   err = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
                              cudaSharedmemCarveoutMaxShared);
   if (err != cudaSuccess) return err;
-  if (Cfg::kProducer && p.programmatic_launch) {
+  if (p.programmatic_launch) {
     // Programmatic dependent launch: this grid may start while the previous kernel in the
-    // stream finishes; the kernel's copying warp waits for it (griddepcontrol.wait) before
-    // its first activation copy, and prefetches weights until then.
+    // stream finishes; the kernel waits for it (griddepcontrol.wait) before its first
+    // activation copy, and prefetches the first stages' weights until then.
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = dim3(static_cast<unsigned>(p.grid));
     cfg.blockDim = dim3(Cfg::kThreads);
@@ -153,8 +152,7 @@ cudaError_t launch_decode_gemm(const DecodeGemmParams& p) {
       p.weight == nullptr || p.scales == nullptr || p.y == nullptr || p.counters == nullptr ||
       p.workspace == nullptr ||
       (p.zero_mode != ZeroMode::kSymmetric && p.zo == nullptr) ||
-      (p.producer_warp && decode_gemm_m_tile(p.m) > 16) ||
-      (p.programmatic_launch && !p.producer_warp)) {
+      (p.producer_warp && decode_gemm_m_tile(p.m) > 16)) {
     return cudaErrorInvalidValue;
   }
   const int64_t units = (p.n_pad / 128) * ((p.k_pad + bk - 1) / bk);

@@ -764,6 +764,11 @@ decode_gemm_kernel(const DecodeGemmParams p) {
 
   const int64_t u_begin = first_unit_of_block(blockIdx.x, units, grid);
   const int64_t u_end = first_unit_of_block(blockIdx.x + 1, units, grid);
+  // The next grid in the stream may start launching now, if it is a programmatic launch:
+  // its blocks take SMs as ours leave, and wait for our completion before reading
+  // anything we write or writing anything we read (this kernel: griddep_wait before its
+  // first activation copy; every store comes after that).
+  griddep_launch_dependents();
   if (u_begin >= u_end) return;  // whole block leaves together
 
   const uint8_t* __restrict__ wbase = static_cast<const uint8_t*>(p.weight);
@@ -806,8 +811,10 @@ decode_gemm_kernel(const DecodeGemmParams p) {
   // Issue the cp.async copies of the unit under the load cursor into stage buffer s, then
   // move the cursor on. Weights: every thread; activations: threads from 0 up; group
   // parameters: threads from the last one down (so the two small copies land on
-  // different warps, and no warp carries both to the barrier).
-  auto load_next = [&](int s) {
+  // different warps, and no warp carries both to the barrier). In three parts, so that a
+  // programmatic launch can issue the first stages' weights and group parameters before
+  // waiting for the previous grid, and their activations after (see the prologue).
+  auto load_weights = [&](int s) {
     const uint32_t st = smem0 + s * Cfg::kStageBytes;
     const int kb_here = static_cast<int>(
         min(static_cast<int64_t>(Cfg::kChunksPerStage),
@@ -820,8 +827,10 @@ decode_gemm_kernel(const DecodeGemmParams p) {
       }
     }
     w_next += kb_here * 4096;
-    // activations: M rows x BK, chunk j of row m stored at chunk j ^ (m & 7)
-    const int k0 = load_kc * kBK;
+  };
+  // activations of the stage at k0: M rows x BK, chunk j of row m stored at chunk j ^ (m & 7)
+  auto load_acts = [&](int s, int k0) {
+    const uint32_t st = smem0 + s * Cfg::kStageBytes;
     // (Not unrolled: one or two trips per thread; unrolled, the per-trip row and chunk
     // were hoisted into spilled registers.)
 #pragma unroll 1
@@ -834,7 +843,10 @@ decode_gemm_kernel(const DecodeGemmParams p) {
       cp_async16_zfill(st + Cfg::kWBytes + row * kBK * 2 + ((j ^ (row & 7)) * 16), src,
                        valid ? 16 : 0);
     }
-    // group parameters of the groups this chunk touches
+  };
+  // group parameters of the groups the unit under the load cursor touches (k0 = its k)
+  auto load_params = [&](int s, int k0) {
+    const uint32_t st = smem0 + s * Cfg::kStageBytes;
     const int g0 = k0 >> gs_log2;
     const int pchunks =
         min(groups_per_stage, static_cast<int>(groups_per_tile) - g0) * 16;
@@ -847,7 +859,45 @@ decode_gemm_kernel(const DecodeGemmParams p) {
                          zbase + poff + c * 16, 16);
       }
     }
+  };
+  auto load_next = [&](int s) {
+    load_weights(s);
+    const int k0 = load_kc * kBK;
+    load_acts(s, k0);
+    load_params(s, k0);
     advance(load_tile, load_kc);
+  };
+  // The first `count` stages of the ring (the prologue of the cp.async configurations),
+  // with `arrive(s)` after each. A programmatic launch (DecodeGemmParams::programmatic_launch)
+  // issues every stage's weights and group parameters, which no kernel in the stream
+  // writes, before griddep_wait (the wait for the previous grid in the stream), and the
+  // activations, which the previous kernel may have produced, only after it; so the
+  // weights stream in while the previous kernel finishes. The cp.async group (or mbarrier
+  // arrival) of stage 0 then also covers the other stages' weights: they were issued first.
+  auto load_prologue = [&](int count, auto&& arrive) {
+    if (p.programmatic_launch) {
+      const int first_kc = load_kc;
+#pragma unroll
+      for (int s = 0; s < kStages; ++s) {
+        if (s < count) {
+          load_weights(s);
+          load_params(s, load_kc * kBK);
+          advance(load_tile, load_kc);
+        }
+      }
+      griddep_wait();
+#pragma unroll
+      for (int s = 0; s < kStages; ++s) {
+        if (s < count) load_acts(s, ((first_kc + s) % kc_per_tile) * kBK);
+        arrive(s);
+      }
+    } else {
+#pragma unroll
+      for (int s = 0; s < kStages; ++s) {
+        if (s < count) load_next(s);
+        arrive(s);
+      }
+    }
   };
 
   // mbarriers of the stage hand-over without block barriers (split barriers, or the
@@ -1027,10 +1077,6 @@ decode_gemm_kernel(const DecodeGemmParams p) {
   // warp and 16 KB stage, of which 204 compute; the rest was copy issue, barrier and stage
   // bookkeeping: bench/results/NOTES.md.)
   if constexpr (kProducer) {
-    // The next grid in the stream may start launching now (programmatic launch): its
-    // blocks take SMs as ours leave, and wait for our completion before reading anything
-    // we write (its copying warp waits before its first activation copy).
-    griddep_launch_dependents();
     if (tid == 0) {
 #pragma unroll
       for (int s = 0; s < kStages; ++s) {
@@ -1054,17 +1100,13 @@ decode_gemm_kernel(const DecodeGemmParams p) {
       mbar_init_fence();
     }
     __syncthreads();  // barriers initialized; the zeroed token rows are visible
-#pragma unroll
-    for (int s = 0; s < kStages; ++s) {  // every stage starts empty
-      if (s < n_units) load_next(s);
-      cp_async_mbar_arrive(smem_addr(&full_bar[s]));
-    }
+    // every stage starts empty
+    load_prologue(min(n_units, kStages),
+                  [&](int s) { cp_async_mbar_arrive(smem_addr(&full_bar[s])); });
   } else {
-#pragma unroll
-    for (int s = 0; s < kStages - 1; ++s) {
-      if (s < n_units) load_next(s);
-      cp_async_commit();
-    }
+    load_prologue(min(n_units, kStages - 1), [&](int s) {
+      if (s < kStages - 1) cp_async_commit();
+    });
   }
 
   // Calls f with the k16 steps per group inside a stage as a compile-time constant.

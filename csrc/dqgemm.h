@@ -75,7 +75,7 @@ struct DecodeGemmParams {
                                   // that lets that many fit
   bool producer_warp = false;     // M <= 16, sm_90+: the configuration with a copying warp
                                   // (bulk copies; csrc/decode_gemm.cuh, Config::kProducer)
-  bool programmatic_launch = false;  // with producer_warp: programmatic dependent launch
+  bool programmatic_launch = false;  // sm_90+: programmatic dependent launch
                                      // (the weights prefetched while the previous kernel
                                      // in the stream finishes)
   int grid = 0;                   // blocks (stream-K ranges); <= units

@@ -420,28 +420,34 @@ def test_producer_warp_act_order_and_one_sign():
 
 @producer_gpu
 @pytest.mark.parametrize("graph", [False, True])
-def test_programmatic_launch_chain_reads_the_previous_output(graph):
+@pytest.mark.parametrize("producer,policy", [(True, False), (False, False), (None, True)])
+def test_programmatic_launch_chain_reads_the_previous_output(graph, producer, policy):
     """With programmatic dependent launch the next kernel starts before the previous one
     ends; its activation copies must still see the previous kernel's whole output. A chain
     y1 = x W1^T, y2 = y1 W2^T, y3 = y2 W3^T (each launched programmatically, eagerly and
-    inside a CUDA graph), each checked against float64 on the activations it was given."""
+    inside a CUDA graph), each checked against float64 on the activations it was given:
+    with the copying warp, with the cp.async rings (every token tile, so M up to 64), and
+    through dqgemm.programmatic_launch() with the table's configurations (whose first
+    launch of each weight is a normal one)."""
     gen = torch.Generator().manual_seed(21)
     dims = [1536, 2048, 1536, 576]
     preps, ws = [], []
     for i in range(3):
-        qw = _make(dims[i + 1], dims[i], 4, 128, seed=30 + i)
+        qw = _make(dims[i + 1], dims[i], 4 if i != 1 else 8, 128 if i != 1 else -1,
+                   seed=30 + i)
         preps.append(cd.prepare_decode(qw))
         ws.append(qw.dequantize(torch.float64))
-    for m in (1, 7, 16):
+    launch = ({} if policy else {"producer_warp": producer, "programmatic_launch": True})
+    for m in ((1, 7, 16) if producer else (1, 7, 16, 29, 64)):
         x = (torch.randn(m, dims[0], generator=gen) * 0.5).half().cuda()
         outs = [torch.full((m, d), float("nan"), dtype=torch.float16, device="cuda")
                 for d in dims[1:]]
-        launch = {"producer_warp": True, "programmatic_launch": True}
 
         def chain():
-            cd.decode_matmul(x, preps[0], None, out=outs[0], **launch)
-            cd.decode_matmul(outs[0], preps[1], None, out=outs[1], **launch)
-            cd.decode_matmul(outs[1], preps[2], None, out=outs[2], **launch)
+            with dqgemm.programmatic_launch(policy):
+                cd.decode_matmul(x, preps[0], None, out=outs[0], **launch)
+                cd.decode_matmul(outs[0], preps[1], None, out=outs[1], **launch)
+                cd.decode_matmul(outs[1], preps[2], None, out=outs[2], **launch)
         if graph:
             g = capture_graph(chain)
             for o in outs:
@@ -464,9 +470,6 @@ def test_producer_warp_argument_checked():
     with pytest.raises(TypeError, match="programmatic_launch"):
         cd.decode_matmul(torch.randn(1, 128, dtype=torch.float16), prep, None,
                          programmatic_launch="yes")
-    with pytest.raises(ValueError, match="programmatic_launch.*producer_warp=False"):
-        cd.decode_matmul(torch.randn(1, 128, dtype=torch.float16), prep, None,
-                         producer_warp=False, programmatic_launch=True)
     with pytest.raises(ValueError, match="producer_warp.*M <= 16"):
         cd.decode_matmul(torch.randn(17, 128, dtype=torch.float16), prep, None,
                          producer_warp=True)

@@ -11,6 +11,7 @@ Importing dqgemm never initializes CUDA or loads the compiled extension.
 
 from . import formats
 from .format import FORMAT_NAME, QuantizedWeight, pack_codes, unpack_codes
+from .launch import programmatic_launch
 from .loading import LoadSummary, load_quantized
 from .nn import QuantizationSummary, QuantLinear, quantize_model
 from .ops import explain, matmul
@@ -21,7 +22,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS", "FORMAT_NAME", "QuantizedWeight", "QuantLinear", "QuantizationSummary",
-    "explain", "matmul", "pack_codes", "quantize", "quantize_model", "unpack_codes",
+    "explain", "matmul", "pack_codes", "programmatic_launch", "quantize", "quantize_model",
+    "unpack_codes",
     "__version__",
     "LoadSummary", "formats", "load_quantized",
 ]

@@ -32,11 +32,11 @@ import dataclasses
 import functools
 import json
 import os
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Set, Tuple
 
 import torch
 
-from .. import _ext, registry
+from .. import _ext, launch, registry
 from ..act_order import contiguous_groups
 from ..format import QuantizedWeight, effective_group_size
 
@@ -175,6 +175,10 @@ class DecodePrepared(registry.PreparedWeight):
     source_zo: Optional[torch.Tensor] = None       # fp32 [N, G] zero points or offsets
     variants: Dict[torch.dtype, Tuple[torch.Tensor, Optional[torch.Tensor]]] = \
         dataclasses.field(default_factory=dict)
+    # activation dtypes this weight has been launched with: the first launch of each may
+    # follow the writes of its packed parameters, so it is never a programmatic launch
+    # (dqgemm.launch: the weights are read before the wait for the previous kernel)
+    launched: Set[torch.dtype] = dataclasses.field(default_factory=set)
 
     def params_for(self, dtype: torch.dtype) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         hit = self.variants.get(dtype)
@@ -359,10 +363,12 @@ def decode_matmul(x: torch.Tensor, prepared: DecodePrepared, bias: Optional[torc
     """y = x @ W^T (+ bias) with the decode kernel. x: contiguous [M, K] fp16/bf16 on the
     weight's device, 1 <= M <= 64. ``blocks_per_sm`` and ``producer_warp`` (the
     configuration with a copying warp: M <= 16, compute capability 9.0+) override the
-    launch table (tuning, tests), as does ``programmatic_launch`` (with the copying warp:
-    programmatic dependent launch, the weights prefetched while the previous kernel in the
-    stream finishes); ``out`` is an optional contiguous [M, N] result buffer of x's dtype
-    (tests poison it)."""
+    launch table (tuning, tests), as does ``programmatic_launch`` (compute capability
+    9.0+: a programmatic dependent launch, the first stages' weights fetched while the
+    previous kernel in the stream finishes; default: within dqgemm.programmatic_launch(),
+    or per the table's "producer_warp" entry with the copying warp, and never at a
+    weight's first launch with x's dtype); ``out`` is an optional contiguous [M, N] result
+    buffer of x's dtype (tests poison it)."""
     ext = _ext.extension()
     if ext is None:
         raise RuntimeError(f"dqgemm CUDA extension {_ext.extension_error()}")
@@ -397,11 +403,13 @@ def decode_matmul(x: torch.Tensor, prepared: DecodePrepared, bias: Optional[torc
             raise ValueError(f"producer_warp: needs compute capability 9.0 or later, "
                              f"{device} has {_capability(device.index)}")
     if programmatic_launch is None:
-        programmatic_launch = producer_warp and bool(
-            _config().get("producer_warp", {}).get("programmatic_launch", False))
-    elif programmatic_launch and not producer_warp:
-        raise ValueError("programmatic_launch: only the copying-warp configuration has it; "
-                         "expected producer_warp=True with it, got producer_warp=False")
+        programmatic_launch = (
+            (launch.programmatic_launch_enabled() or (producer_warp and bool(
+                _config().get("producer_warp", {}).get("programmatic_launch", False))))
+            and x.dtype in prepared.launched and _capability(device.index) >= (9, 0))
+    elif programmatic_launch and _capability(device.index) < (9, 0):
+        raise ValueError(f"programmatic_launch: needs compute capability 9.0 or later, "
+                         f"{device} has {_capability(device.index)}")
     grid = grid_size(m, n, k, prepared.bits, device.index, blocks_per_sm)
     stream = _ext.stream_handle(device)
     ws, counters = workspace(device, stream, 2 * grid * m * TILE_N, n_pad // TILE_N)
@@ -416,6 +424,7 @@ def decode_matmul(x: torch.Tensor, prepared: DecodePrepared, bias: Optional[torc
         dtype=_ext.dtype_code(x.dtype, "x"), zero_mode=_ext.ZERO_MODE_CODES[prepared.zero_mode],
         blocks_per_sm=blocks_per_sm, producer_warp=producer_warp,
         programmatic_launch=programmatic_launch, grid=grid, stream=stream)
+    prepared.launched.add(x.dtype)
     return y
 
 
