@@ -2,6 +2,7 @@
 
     python bench/e2e_profile.py OUT.json [--model llama3-8b] [--layers N] [--batch 1]
                                 [--variants fp16,int4] [--backend auto] [--replays 5]
+                                [--pdl on,off]
 
 Builds the model of dqgemm.bench.e2e for each variant, captures one decode step in a CUDA
 graph exactly as the benchmark does, replays it under torch.profiler (CUPTI kernel records
@@ -86,11 +87,11 @@ def step_summary(step):
     return span, busy, classes
 
 
-def profile_variant(cfg, n_layers, variant, backend, batch, replays, device):
+def profile_variant(cfg, n_layers, variant, backend, batch, replays, device, pdl):
     bits = e2e.VARIANTS[variant]
     torch.manual_seed(0)
     net = e2e.DecoderModel(cfg, n_layers, bits, 128, backend if bits else "auto", device,
-                           torch.float16).eval()
+                           torch.float16, programmatic_launch=pdl).eval()
     cache_len = 320
     state = e2e._new_state(net, batch, cache_len, 256, device, torch.float16)
     samples = e2e._time_steps(net, state, 20, 3, 256, device, True)
@@ -146,6 +147,7 @@ def profile_variant(cfg, n_layers, variant, backend, batch, replays, device):
         layer.append({"name": name[:120], "class": classify(name), "us": round(d, 2),
                       "gap_before_us": round(ts - prev_end, 2)})
     return {"variant": variant, "backend": backend, "batch": batch, "layers": n_layers,
+            "programmatic_launch": pdl,
             "ms_per_token_events": ms, "span_us": span, "busy_us": busy,
             "idle_us": span - busy, "kernels_per_step": len(step), "classes": classes,
             "one_layer": layer, "replays_parsed": len(steps)}
@@ -160,15 +162,19 @@ def main(argv=None):
     ap.add_argument("--variants", default="fp16,int4")
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--replays", type=int, default=5)
+    ap.add_argument("--pdl", default="on",
+                    help="comma list of on/off: dqgemm.programmatic_launch() in the step")
     args = ap.parse_args(argv)
     cfg = e2e.MODELS[args.model]
     n_layers = args.layers or cfg.n_layers
     dev = torch.device("cuda")
     rows = []
-    for v in args.variants.split(","):
-        r = profile_variant(cfg, n_layers, v, args.backend, args.batch, args.replays, dev)
+    plan = [(v, p == "on") for p in args.pdl.split(",") for v in args.variants.split(",")]
+    for v, pdl in plan:
+        r = profile_variant(cfg, n_layers, v, args.backend, args.batch, args.replays, dev, pdl)
         rows.append(r)
-        print(f"\n== {args.model} x{n_layers} {v}/{args.backend} batch {args.batch}: "
+        print(f"\n== {args.model} x{n_layers} {v}/{args.backend} batch {args.batch} "
+              f"pdl={'on' if pdl else 'off'}: "
               f"{r['ms_per_token_events']:.3f} ms/token (events); span {r['span_us']:.0f} us, "
               f"busy {r['busy_us']:.0f}, idle {r['idle_us']:.0f}, {r['kernels_per_step']} "
               "kernels/step")

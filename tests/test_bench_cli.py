@@ -148,6 +148,7 @@ def test_e2e_tiny_model_on_cpu():
         assert r["tokens_per_s"] > 0 and r["ms_per_token"] > 0
         assert r["tokens_per_s"] == pytest.approx(r["batch"] * 1000 / r["ms_per_token"])
         assert r["layers"] == 1 and r["model"] == "tiny"
+        assert r["programmatic_launch"] is False  # a CPU run: never
     assert {r["variant"] for r in res} == {"fp16", "int4"}
     assert "tokens/s" in format_results(res)
 
@@ -165,6 +166,10 @@ def test_bad_options_are_refused():
     from dqgemm.bench.e2e import run_decode_benchmark
     with pytest.raises(ValueError, match="model"):
         run_decode_benchmark(model="llama9", device="cpu")
+    with pytest.raises(ValueError, match="programmatic_launch: needs a CUDA device"):
+        run_decode_benchmark(model="tiny", device="cpu", programmatic_launch=True)
+    with pytest.raises(TypeError, match="programmatic_launch: expected a bool or None"):
+        run_decode_benchmark(model="tiny", device="cpu", programmatic_launch="on")
 
 
 def test_resume_keeps_cases_and_skips_the_backend_that_broke_the_context():

@@ -494,6 +494,16 @@ def test_producer_warp_table(monkeypatch):
                    for bits in (4, 8) for bps in range(1, 5))
 
 
+def test_programmatic_launch_table():
+    """Every token tile of both bit widths has an entry, and the lookup reads it."""
+    rule = cd._config()["programmatic_launch"]
+    for bits in (4, 8):
+        assert set(rule[f"int{bits}"]) == {"8", "16", "32", "64"}
+        for m in (1, 8, 9, 16, 17, 33, 64):
+            assert cd.table_programmatic_launch(m, bits) == \
+                rule[f"int{bits}"][str(cd.m_tile(m))]
+
+
 def test_blocks_per_sm_argument_checked():
     qw = dqgemm.quantize(torch.randn(128, 128) * 0.02, 4, 128)
     prep = cd.prepare_decode(qw)

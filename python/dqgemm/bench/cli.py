@@ -88,8 +88,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--context", type=int, default=256, help="KV positions before decoding")
     e.add_argument("--steps", type=int, default=32, help="timed decode steps")
     e.add_argument("--elementwise", default=None, choices=("triton", "torch"),
-                   help="norms, RoPE, KV writes, SiLU: fused Triton kernels (default on "
-                        "CUDA) or plain torch ops (default elsewhere); same for every variant")
+                   help="norms, RoPE, KV writes, attention, SiLU: fused Triton kernels "
+                        "(default on CUDA) or plain torch ops (default elsewhere); same for "
+                        "every variant")
+    e.add_argument("--programmatic-launch", default=None, choices=("on", "off"),
+                   help="run each step within dqgemm.programmatic_launch() (default: on "
+                        "with the Triton ops on compute capability 9.0+)")
 
 
 def _device(args) -> torch.device:
@@ -164,7 +168,9 @@ def _main(args) -> int:
             backend=args.e2e_backends, device=str(device), progress=not args.no_progress,
             layers=args.layers, context=args.context, steps=args.steps,
             group_size=args.group_size, use_graph=not args.no_graphs,
-            elementwise=args.elementwise)
+            elementwise=args.elementwise,
+            programmatic_launch=(None if args.programmatic_launch is None
+                                 else args.programmatic_launch == "on"))
         doc = {"schema": runner.SCHEMA, "command": command,
                "device": runner.device_facts(device), "versions": runner.versions(),
                "results": [], "e2e": results}

@@ -9,12 +9,20 @@ and times ``steps`` replays with CUDA events. ms_per_token is the time of one de
 (every sequence of the batch gets one token); tokens_per_s = batch * 1000 / ms_per_token.
 
 The model (Llama 3 layout): RMSNorm, fused QKV projection, RoPE, grouped-query attention
-through torch's scaled_dot_product_attention over the whole static cache (positions after
-the current one masked), output projection, SwiGLU MLP with a fused gate+up projection.
-The elementwise work between the matmuls (residual add + RMSNorm, RoPE + KV-cache write,
-SiLU * up) runs as fused Triton kernels on CUDA (``elementwise="triton"``, see e2e_ops) or
-as plain torch ops (``"torch"``, the CPU default), the same for FP16 and the quantized
-variants; each record names which.
+over the static cache (positions 0..current), output projection, SwiGLU MLP with a fused
+gate+up projection. The work between a layer's matmuls (residual add + RMSNorm, RoPE +
+KV-cache write, attention, SiLU * up) runs as fused Triton kernels on CUDA
+(``elementwise="triton"``, see e2e_ops; attention is a flash-decoding kernel that splits
+the cache across programs and reads the position on the device) or as plain torch ops
+(``"torch"``, the CPU default; attention is torch's scaled_dot_product_attention over the
+whole cache with a boolean mask of the positions after the current one), the same for FP16
+and the quantized variants. Each record names which (``elementwise``, and ``attention``:
+records written before the Triton attention existed ran SDPA with either setting).
+On compute capability 9.0+ the step runs within dqgemm.programmatic_launch()
+(``programmatic_launch``, recorded): dqgemm's decode kernels and the fused Triton ops are
+programmatic dependent launches, so each of these short, dependent kernels launches while
+the one before it finishes (a decode matmul also fetches its first weight stages then); the
+FP16 variant's cuBLAS kernels are launched normally, as torch launches them.
 All linear layers of the decoder are quantized in the int4/int8 variants; the embedding and
 lm_head stay fp16 (as in common INT4 deployments). Weights are random (std 0.02), so the
 speed is real and the text is not. ``layers`` may be lowered to fit memory or time; the
@@ -32,10 +40,9 @@ import time
 from typing import Dict, List, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .. import ops, registry
+from .. import launch, ops, registry
 from ..nn import QuantLinear
 from ..quantize import quantize
 from . import e2e_ops
@@ -63,6 +70,9 @@ MODELS: Dict[str, ModelConfig] = {
 }
 
 VARIANTS = {"fp16": None, "int4": 4, "int8": 8}
+
+# what computes attention with each elementwise setting (the records' "attention" field)
+_ATTENTION = {"triton": "triton flash-decoding", "torch": "torch sdpa + mask"}
 
 
 class RMSNorm(nn.Module):
@@ -105,28 +115,32 @@ class Block(nn.Module):
 
     def forward(self, x, residual, pos, cos, sin, k_cache, v_cache, mask, impl="torch"):
         """(out, residual): the layer's output and the residual stream before it is added
-        (the add is fused into the next norm, see e2e_ops.add_rmsnorm)."""
+        (the add is fused into the next norm, see e2e_ops.add_rmsnorm).
+
+        mask: the attention mask of the "torch" impl ([1, 1, 1, S], True at 0..pos, built
+        once per step for all layers); None with "triton", whose kernel reads pos itself."""
         cfg = self.cfg
         b = x.shape[0]
         d, h, kv = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
         residual, xn = self.attn_norm(x, residual, impl)
         qkv = self.qkv(xn)                                        # [B, 1, (h+2kv)*d]
         q = e2e_ops.rope_to_cache(qkv, cos, sin, pos, k_cache, v_cache, h, kv, impl)
-        # GQA for one new token: the h/kv query heads of a group act as its query rows
-        qg = q.reshape(b, kv, h // kv, d)
-        att = F.scaled_dot_product_attention(qg, k_cache, v_cache, attn_mask=mask)
+        att = e2e_ops.decode_attention(q, k_cache, v_cache, pos, impl, mask)  # [B, h, d]
         residual, xn = self.mlp_norm(self.o(att.reshape(b, 1, h * d)), residual, impl)
         return self.down(e2e_ops.silu_mul(self.gate_up(xn), impl)), residual
 
 
 class DecoderModel(nn.Module):
     def __init__(self, cfg: ModelConfig, n_layers: int, bits, group_size, backend, device,
-                 dtype, progress=None, elementwise: Optional[str] = None) -> None:
+                 dtype, progress=None, elementwise: Optional[str] = None,
+                 programmatic_launch: bool = False) -> None:
         super().__init__()
         self.cfg = cfg
         # the elementwise ops' implementation (e2e_ops): fused Triton kernels on CUDA
         self.elementwise = elementwise or e2e_ops.default_impl(torch.device(device))
         e2e_ops.check_impl(self.elementwise, torch.device(device))
+        # step() runs within dqgemm.programmatic_launch(programmatic_launch)
+        self.programmatic_launch = bool(programmatic_launch)
         self.embed = nn.Embedding(cfg.vocab, cfg.hidden, device=device, dtype=dtype)
         with torch.no_grad():
             self.embed.weight.normal_(0, 1.0)
@@ -150,10 +164,16 @@ class DecoderModel(nn.Module):
 
     def step(self, state: "DecodeState") -> None:
         """One decode step for every sequence; writes the greedy next token into state."""
+        with launch.programmatic_launch(self.programmatic_launch):
+            self._step(state)
+
+    def _step(self, state: "DecodeState") -> None:
         pos = state.pos
         cos = state.cos.index_select(0, pos).to(state.dtype)     # [1, d/2], broadcasts
         sin = state.sin.index_select(0, pos).to(state.dtype)
-        mask = (state.arange <= pos).view(1, 1, 1, -1)
+        # only SDPA needs a mask; the Triton attention reads pos on the device
+        mask = ((state.arange <= pos).view(1, 1, 1, -1) if self.elementwise == "torch"
+                else None)
         x = self.embed(state.tokens)                              # [B, 1, hidden]
         residual = None
         for layer, kc, vc in zip(self.layers, state.k_caches, state.v_caches):
@@ -280,7 +300,8 @@ def run_decode_benchmark(model: str = "llama3-8b", batch_sizes: Sequence[int] = 
                          layers: Optional[int] = None, context: int = 256, steps: int = 32,
                          warmup: int = 3, group_size: int = 128,
                          use_graph: bool = True,
-                         elementwise: Optional[str] = None) -> List[Dict]:
+                         elementwise: Optional[str] = None,
+                         programmatic_launch: Optional[bool] = None) -> List[Dict]:
     """Decode tokens/s of a Llama-shaped model with random weights (see module docstring).
 
     Args:
@@ -293,15 +314,19 @@ def run_decode_benchmark(model: str = "llama3-8b", batch_sizes: Sequence[int] = 
         device: "cuda" or "cpu" (CPU: eager steps, wall clock; for tests).
         layers: decoder layers to build (default: the model's own count).
         context: positions already in the KV cache when timing starts; the cache holds
-            context + warmup + steps positions (rounded up to 64), all attended with a mask.
+            context + warmup + steps positions (rounded up to 64); each step attends the
+            positions up to its own.
         elementwise: "triton" (fused kernels, the default on CUDA) or "torch" (plain torch
-            ops, the default elsewhere) for the norms, residual adds, RoPE, KV-cache writes
-            and SiLU (dqgemm.bench.e2e_ops); the same for every variant.
+            ops, the default elsewhere) for the norms, residual adds, RoPE, KV-cache writes,
+            attention and SiLU (dqgemm.bench.e2e_ops); the same for every variant.
+        programmatic_launch: run each step within dqgemm.programmatic_launch() (see the
+            module docstring); default: on CUDA devices of compute capability 9.0+ with the
+            Triton ops. True elsewhere is an error.
 
     Returns:
         One dict per (variant, backend, batch): model, layers, variant, backend, kernel,
         batch, tokens_per_s, ms_per_token, speedup_vs_fp16, weight_bytes, context,
-        cache_len, steps, graph, elementwise, ok, note.
+        cache_len, steps, graph, elementwise, attention, programmatic_launch, ok, note.
     """
     if model not in MODELS:
         raise ValueError(f"model: expected one of {sorted(MODELS)}, got {model!r}")
@@ -317,6 +342,7 @@ def run_decode_benchmark(model: str = "llama3-8b", batch_sizes: Sequence[int] = 
     dev = torch.device(device)
     elementwise = elementwise or e2e_ops.default_impl(dev)
     e2e_ops.check_impl(elementwise, dev)
+    programmatic_launch = _programmatic_default(programmatic_launch, dev, elementwise)
     dtype = torch.float16
     cache_len = int(math.ceil((context + warmup + steps + 3) / 64.0) * 64)
     graph = use_graph and dev.type == "cuda"
@@ -352,7 +378,8 @@ def run_decode_benchmark(model: str = "llama3-8b", batch_sizes: Sequence[int] = 
                 "bits": bits or 16, "group_size": (group_size if bits == 4 else
                                                    -1 if bits == 8 else None),
                 "context": context, "cache_len": cache_len, "steps": steps, "graph": graph,
-                "elementwise": elementwise,
+                "elementwise": elementwise, "attention": _ATTENTION[elementwise],
+                "programmatic_launch": programmatic_launch,
                 "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"}
         net = None
         if broken:
@@ -365,7 +392,8 @@ def run_decode_benchmark(model: str = "llama3-8b", batch_sizes: Sequence[int] = 
                 bar.set_postfix_str(f"building {variant}/{be}", refresh=False)
             torch.manual_seed(0)
             net = DecoderModel(cfg, n_layers, bits, group_size, be if bits else "auto", dev,
-                               dtype, progress=tick, elementwise=elementwise).eval()
+                               dtype, progress=tick, elementwise=elementwise,
+                               programmatic_launch=programmatic_launch).eval()
             wbytes = _weight_bytes(net)
         except Exception as exc:
             for b in batch_sizes:
@@ -414,14 +442,30 @@ def run_decode_benchmark(model: str = "llama3-8b", batch_sizes: Sequence[int] = 
     return add_speedups(results)
 
 
+def _programmatic_default(value: Optional[bool], dev: torch.device, elementwise: str) -> bool:
+    """run_decode_benchmark's programmatic_launch: checked, or its default."""
+    capable = (dev.type == "cuda" and elementwise == "triton"
+               and torch.cuda.get_device_capability(dev) >= (9, 0))
+    if value is None:
+        return capable
+    if not isinstance(value, bool):
+        raise TypeError(f"programmatic_launch: expected a bool or None, got {value!r}")
+    if value and not capable:
+        raise ValueError(f"programmatic_launch: needs a CUDA device of compute capability "
+                         f"9.0+ and the Triton ops, got {dev} with elementwise="
+                         f"{elementwise!r}")
+    return value
+
+
 def add_speedups(results: List[Dict]) -> List[Dict]:
     """speedup_vs_fp16 = fp16's ms/token over each row's, per (model, layers, batch,
-    elementwise ops).
+    elementwise ops, attention, programmatic launch).
 
     Also merges lists from several processes (bench/gpu_check.sh runs each backend in its
     own process, so one backend's CUDA error cannot take the others' rows with it)."""
     def key(r):
-        return r["model"], r["layers"], r["batch"], r.get("elementwise")
+        return (r["model"], r["layers"], r["batch"], r.get("elementwise"), r.get("attention"),
+                r.get("programmatic_launch", False))
     fp16 = {key(r): r["ms_per_token"] for r in results if r["variant"] == "fp16" and r["ok"]}
     for r in results:
         base_ms = fp16.get(key(r))

@@ -257,6 +257,13 @@ def table_producer_warp(m: int, bits: int, blocks_per_sm: int, units: int,
     return blocks_per_sm in rule.get(f"int{bits}", {}).get(str(m_tile(m)), [])
 
 
+def table_programmatic_launch(m: int, bits: int) -> bool:
+    """configs/cuda_decode.json, "programmatic_launch": whether a call at M's token tile is
+    a programmatic dependent launch within dqgemm.programmatic_launch()."""
+    rule = _config().get("programmatic_launch", {})
+    return bool(rule.get(f"int{bits}", {}).get(str(m_tile(m)), False))
+
+
 @functools.lru_cache(maxsize=4096)
 def work_units(m: int, n: int, k: int, bits: int) -> int:
     """Units of work of the stream-K partition: 128-channel tiles x k stages per tile."""
@@ -365,9 +372,9 @@ def decode_matmul(x: torch.Tensor, prepared: DecodePrepared, bias: Optional[torc
     configuration with a copying warp: M <= 16, compute capability 9.0+) override the
     launch table (tuning, tests), as does ``programmatic_launch`` (compute capability
     9.0+: a programmatic dependent launch, the first stages' weights fetched while the
-    previous kernel in the stream finishes; default: within dqgemm.programmatic_launch(),
-    or per the table's "producer_warp" entry with the copying warp, and never at a
-    weight's first launch with x's dtype); ``out`` is an optional contiguous [M, N] result
+    previous kernel in the stream finishes; default: within dqgemm.programmatic_launch()
+    per the table's "programmatic_launch" entry, or per its "producer_warp" entry with the
+    copying warp, and never at a weight's first launch with x's dtype); ``out`` is an optional contiguous [M, N] result
     buffer of x's dtype (tests poison it)."""
     ext = _ext.extension()
     if ext is None:
@@ -404,7 +411,8 @@ def decode_matmul(x: torch.Tensor, prepared: DecodePrepared, bias: Optional[torc
                              f"{device} has {_capability(device.index)}")
     if programmatic_launch is None:
         programmatic_launch = (
-            (launch.programmatic_launch_enabled() or (producer_warp and bool(
+            ((launch.programmatic_launch_enabled() and table_programmatic_launch(m, prepared.bits))
+             or (producer_warp and bool(
                 _config().get("producer_warp", {}).get("programmatic_launch", False))))
             and x.dtype in prepared.launched and _capability(device.index) >= (9, 0))
     elif programmatic_launch and _capability(device.index) < (9, 0):
