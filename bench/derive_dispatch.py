@@ -11,7 +11,9 @@ consecutive measured M with the same choice form one M range, and a boundary bet
 measured M lies at their geometric midpoint. Every rule's note names the file and the
 evidence (worst loss of the choice against each shape's fastest kernel), and the rules are
 replayed on the same measurements. With --write the rules replace the ones for the same
-device name in dispatch.json (rules for other devices are kept, these go first).
+device name in dispatch.json (rules for other devices are kept, these go first; rules of
+this device with a "programmatic_launch" condition, measured end to end, are kept ahead of
+them).
 
 The printed table shows, for each (bits, M), the fastest kernel per shape, so a person can
 check the rules before writing them.
@@ -189,11 +191,15 @@ def main(argv=None) -> int:
     if args.write:
         with open(DISPATCH) as f:
             table = json.load(f)
+        # rules for programmatic launches come from end-to-end runs, not from this
+        # kernel-only file: kept, ahead of the derived ones they refine
+        launch_rules = [r for r in table["rules"] if r.get("device_name") == args.device_name
+                        and r.get("programmatic_launch") is not None]
         kept = [r for r in table["rules"] if r.get("device_name") != args.device_name]
         # fp32 and other device-independent rules first, then these, then the rest
         head = [r for r in kept if "device_name" not in r and "min_arch" not in r]
         tail = [r for r in kept if r not in head]
-        table["rules"] = head + rules + tail
+        table["rules"] = head + launch_rules + rules + tail
         with open(DISPATCH, "w") as f:
             json.dump(table, f, indent=1)
             f.write("\n")

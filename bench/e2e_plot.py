@@ -28,7 +28,7 @@ def load(path):
 def main(argv):
     if len(argv) < 2 or any("=" not in a for a in argv[1:]):
         raise SystemExit(__doc__)
-    out, specs = argv[0], [a.split("=", 1) for a in argv[1:]]
+    out, specs = argv[0], [a.rsplit("=", 1) for a in argv[1:]]
     runs = [(label, *load(path)) for label, path in specs]
     keys = sorted({k for _, _, rows in runs for k in rows}, key=lambda k: (k[1], k[0]))
     width = 0.8 / len(runs)

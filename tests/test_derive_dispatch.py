@@ -69,3 +69,25 @@ def test_device_name_must_match_the_results():
         assert derive_dispatch.main([f.name, "--device-name", "H100"]) == 2
     finally:
         os.unlink(f.name)
+
+
+def test_write_keeps_the_programmatic_launch_rules(tmp_path, monkeypatch):
+    """--write replaces the device's kernel-only rules but keeps its rules measured end to
+    end under programmatic launch (and every other device's), in front of the new ones."""
+    import json
+    table = {"about": "x", "rules": [
+        {"kernel": "reference", "dtype": "fp32", "note": "fp32"},
+        {"kernel": "cuda_decode", "device_name": "H200", "bits": 8, "m_max": 1,
+         "programmatic_launch": True, "note": "e2e"},
+        {"kernel": "triton", "device_name": "H200", "bits": 4, "note": "old, replaced"},
+        {"kernel": "triton", "device_name": "H100", "bits": 4, "note": "other device"}]}
+    dispatch = tmp_path / "dispatch.json"
+    dispatch.write_text(json.dumps(table))
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps(_doc()))
+    monkeypatch.setattr(derive_dispatch, "DISPATCH", str(dispatch))
+    assert derive_dispatch.main([str(results), "--device-name", "H200", "--write"]) == 0
+    notes = [r["note"] for r in json.loads(dispatch.read_text())["rules"]]
+    assert notes[:2] == ["fp32", "e2e"]
+    assert "old, replaced" not in notes and notes[-1] == "other device"
+    assert len(notes) == 2 + 4 + 1

@@ -10,10 +10,12 @@ from dqgemm import registry
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _problem(m, n=8192, bits=4, dtype=torch.float16, name="NVIDIA H100 80GB HBM3"):
+def _problem(m, n=8192, bits=4, dtype=torch.float16, name="NVIDIA H100 80GB HBM3",
+             programmatic_launch=False):
     return registry.Problem(m=m, n=n, k=8192, bits=bits, group_size=128, dtype=dtype,
                             scale_dtype=torch.float16, zero_mode="symmetric", act_order=False,
-                            device_type="cuda", device_name=name, arch=(9, 0))
+                            device_type="cuda", device_name=name, arch=(9, 0),
+                            programmatic_launch=programmatic_launch)
 
 
 def _first_rule(problem):
@@ -38,6 +40,29 @@ def test_h100_rules_follow_the_measured_crossovers():
     assert _first_rule(_problem(33)) == "triton"
     assert _first_rule(_problem(4096, bits=8)) == "triton"
     assert _first_rule(_problem(4, dtype=torch.float32)) == "reference"
+
+
+def test_programmatic_launch_rule():
+    """Inside dqgemm.programmatic_launch() INT8 M = 1 goes to cuda_decode on the H200 (it
+    launches programmatically, the Triton GEMV does not; measured end to end); outside it
+    the kernel-only split by N stays."""
+    h200 = "NVIDIA H200"
+    assert _first_rule(_problem(1, bits=8, n=4096, name=h200)) == "triton"
+    assert _first_rule(_problem(1, bits=8, n=4096, name=h200,
+                                programmatic_launch=True)) == "cuda_decode"
+    assert _first_rule(_problem(1, bits=8, n=28672, name=h200)) == "cuda_decode"
+    assert _first_rule(_problem(1, bits=4, n=4096, name=h200, programmatic_launch=True)) == \
+        _first_rule(_problem(1, bits=4, n=4096, name=h200))
+
+
+def test_make_problem_reads_the_launch_policy_on_cuda_only():
+    import dqgemm
+    from dqgemm import ops
+    qw = dqgemm.quantize(torch.randn(64, 128) * 0.02, 8, -1)
+    x = torch.randn(1, 128, dtype=torch.float16)
+    with dqgemm.programmatic_launch():
+        problem = ops.make_problem(x, qw.qdata, qw.scales, None, None, None, 8, -1)
+    assert problem.programmatic_launch is False  # a CPU tensor: never
 
 
 def test_unmeasured_gpu_falls_back_to_generic_rules():

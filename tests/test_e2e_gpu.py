@@ -30,7 +30,9 @@ def test_programmatic_launch_step_equals_normal_step(variant, batch):
     outs = []
     for pdl in (False, True):
         torch.manual_seed(0)
-        net = e2e.DecoderModel(cfg, 2, bits, 128, "auto", "cuda", torch.float16,
+        # backend "cuda", not "auto": dispatch may pick another kernel inside
+        # dqgemm.programmatic_launch() (configs/dispatch.json), and this compares launches
+        net = e2e.DecoderModel(cfg, 2, bits, 128, "cuda", "cuda", torch.float16,
                                elementwise="triton", programmatic_launch=pdl).eval()
         state = e2e._new_state(net, batch, 320, 200, "cuda", torch.float16)
         with torch.no_grad():

@@ -17,7 +17,7 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from . import registry
+from . import launch, registry
 from .format import QuantizedWeight
 from .reference import dequantize_tensors
 
@@ -80,7 +80,9 @@ def make_problem(x2d: torch.Tensor, qdata, scales, zero_points, offsets, g_idx, 
     return registry.Problem(
         m=x2d.shape[0], n=qdata.shape[0], k=x2d.shape[1], bits=bits, group_size=group_size,
         dtype=x2d.dtype, scale_dtype=scales.dtype, zero_mode=zero_mode,
-        act_order=g_idx is not None, device_type=x2d.device.type, device_name=name, arch=arch)
+        act_order=g_idx is not None, device_type=x2d.device.type, device_name=name, arch=arch,
+        programmatic_launch=(x2d.device.type == "cuda"
+                             and launch.programmatic_launch_enabled()))
 
 
 @functools.lru_cache(maxsize=4096)

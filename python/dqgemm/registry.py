@@ -46,6 +46,8 @@ class Problem:
     device_type: str             # "cpu" | "cuda" | ...
     device_name: str = ""        # e.g. "NVIDIA H100 80GB HBM3"; "" on CPU
     arch: Tuple[int, int] = (0, 0)  # CUDA compute capability, (0, 0) elsewhere
+    # inside dqgemm.programmatic_launch() (dqgemm.launch) on a CUDA device
+    programmatic_launch: bool = False
 
 
 @dataclasses.dataclass
@@ -153,6 +155,7 @@ class DispatchRule:
     m_max: Optional[int] = None
     n_min: Optional[int] = None          # out_features range
     n_max: Optional[int] = None
+    programmatic_launch: Optional[bool] = None  # dqgemm.programmatic_launch() on / off
     note: str = ""                       # where the rule came from (measurement, file)
 
     def matches(self, p: Problem) -> bool:
@@ -171,6 +174,9 @@ class DispatchRule:
         if self.n_min is not None and p.n < self.n_min:
             return False
         if self.n_max is not None and p.n > self.n_max:
+            return False
+        if (self.programmatic_launch is not None
+                and self.programmatic_launch != p.programmatic_launch):
             return False
         return True
 
