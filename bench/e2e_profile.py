@@ -96,16 +96,9 @@ def profile_variant(cfg, n_layers, variant, backend, batch, replays, device, pdl
     state = e2e._new_state(net, batch, cache_len, 256, device, torch.float16)
     samples = e2e._time_steps(net, state, 20, 3, 256, device, True)
     ms = statistics.median(samples)
-    # capture again for the profiled replays (same code path as _time_steps)
+    # capture again for the profiled replays (as _time_steps does)
     with torch.no_grad():
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            net.step(state)
-        torch.cuda.current_stream(device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            net.step(state)
+        graph = e2e.capture_step(net, state, device)
         for _ in range(3):
             graph.replay()
         torch.cuda.synchronize(device)

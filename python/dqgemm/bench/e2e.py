@@ -254,6 +254,21 @@ def usable_backends(bits: int, device, include_reference: bool = False) -> List[
     return out
 
 
+def capture_step(model: DecoderModel, state: DecodeState, dev: torch.device
+                 ) -> "torch.cuda.CUDAGraph":
+    """A CUDA graph of one decode step, captured after a warm-up step on a side stream
+    (which advances state like any step). Call under torch.no_grad()."""
+    side = torch.cuda.Stream(dev)
+    side.wait_stream(torch.cuda.current_stream(dev))
+    with torch.cuda.stream(side):
+        model.step(state)
+    torch.cuda.current_stream(dev).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        model.step(state)
+    return graph
+
+
 def _time_steps(model: DecoderModel, state: DecodeState, steps: int, warmup: int,
                 context: int, device, use_graph: bool) -> List[float]:
     """Per-step milliseconds of ``steps`` decode steps (graph replays on CUDA)."""
@@ -272,15 +287,7 @@ def _time_steps(model: DecoderModel, state: DecodeState, steps: int, warmup: int
         torch.cuda.synchronize(dev)
         run = lambda: model.step(state)  # noqa: E731
         if use_graph:
-            side = torch.cuda.Stream(dev)
-            side.wait_stream(torch.cuda.current_stream(dev))
-            with torch.cuda.stream(side):
-                model.step(state)
-            torch.cuda.current_stream(dev).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                model.step(state)
-            run = graph.replay
+            run = capture_step(model, state, dev).replay
         for _ in range(warmup):
             run()
         state.pos.fill_(context)

@@ -107,12 +107,18 @@ def _rope_torch(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
 if triton is not None:
 
     @triton.jit
+    def _programmatic_start(PDL: tl.constexpr):
+        # In a programmatic launch (dqgemm.launch): let the next kernel in the stream start
+        # launching, then wait for the previous one's outputs before reading anything.
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
+
+    @triton.jit
     def _add_rmsnorm_kernel(x_ptr, res_ptr, w_ptr, h_ptr, y_ptr, hidden, eps,
                             HAS_RES: tl.constexpr, BLOCK: tl.constexpr,
                             PDL: tl.constexpr):
-        if PDL:  # a programmatic launch (dqgemm.launch): let the next kernel start, then
-            tl.extra.cuda.gdc_launch_dependents()  # wait for the previous one's outputs
-            tl.extra.cuda.gdc_wait()
+        _programmatic_start(PDL)
         # one program per row; the whole row in registers (hidden <= BLOCK)
         row = tl.program_id(0)
         offs = tl.arange(0, BLOCK)
@@ -134,9 +140,7 @@ if triton is not None:
                               v_cache_ptr, n_heads, n_kv, cache_len,
                               HEAD_DIM: tl.constexpr, HALF: tl.constexpr,
                               PDL: tl.constexpr):
-        if PDL:  # a programmatic launch (dqgemm.launch): let the next kernel start, then
-            tl.extra.cuda.gdc_launch_dependents()  # wait for the previous one's outputs
-            tl.extra.cuda.gdc_wait()
+        _programmatic_start(PDL)
         # one program per (sequence, head of the fused q | k | v layout)
         b = tl.program_id(0)
         head = tl.program_id(1)
@@ -165,9 +169,7 @@ if triton is not None:
 
     @triton.jit
     def _silu_mul_kernel(gu_ptr, out_ptr, inter, BLOCK: tl.constexpr, PDL: tl.constexpr):
-        if PDL:  # a programmatic launch (dqgemm.launch): let the next kernel start, then
-            tl.extra.cuda.gdc_launch_dependents()  # wait for the previous one's outputs
-            tl.extra.cuda.gdc_wait()
+        _programmatic_start(PDL)
         row = tl.program_id(0)
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < inter
@@ -184,9 +186,7 @@ if triton is not None:
                                        HEAD_DIM: tl.constexpr, GROUP_PAD: tl.constexpr,
                                        BLOCK_S: tl.constexpr, DIRECT: tl.constexpr,
                                        PDL: tl.constexpr):
-        if PDL:  # a programmatic launch (dqgemm.launch): let the next kernel start, then
-            tl.extra.cuda.gdc_launch_dependents()  # wait for the previous one's outputs
-            tl.extra.cuda.gdc_wait()
+        _programmatic_start(PDL)
         # one program per (KV split, sequence x kv head): the group's query heads are the
         # rows of one tile, so each K/V row is read once for all of them
         split = tl.program_id(0)
@@ -237,9 +237,7 @@ if triton is not None:
     def _decode_attention_combine_kernel(acc_ptr, ml_ptr, out_ptr, n_heads, group, n_splits,
                                          HEAD_DIM: tl.constexpr, SPLITS_PAD: tl.constexpr,
                                          PDL: tl.constexpr):
-        if PDL:  # a programmatic launch (dqgemm.launch): let the next kernel start, then
-            tl.extra.cuda.gdc_launch_dependents()  # wait for the previous one's outputs
-            tl.extra.cuda.gdc_wait()
+        _programmatic_start(PDL)
         # one program per (sequence, query head): rescale the partials of every split to
         # their common max and sum them in a fixed order (deterministic)
         row = tl.program_id(0)                      # b * n_heads + h
