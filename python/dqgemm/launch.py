@@ -5,12 +5,14 @@
 
 A programmatic dependent launch (compute capability 9.0+, CUDA's
 ``cudaLaunchAttributeProgrammaticStreamSerialization``) lets a kernel start while the
-previous kernel in the stream is still running. dqgemm's decode kernel (cuda_decode) then
-issues the copies of its first weight stages at once, waits for the previous grid
-(``griddepcontrol.wait``) only before it reads its activations, and lets the next kernel
-launch as soon as it starts (``griddepcontrol.launch_dependents``). In a decode step, whose
-kernels are short and depend on each other, that hides each matmul's launch and its first
-weight fetch behind the kernel before it.
+previous kernel in the stream is still running. dqgemm's decode kernel (cuda_decode, at the
+bit widths and token tiles that configs/cuda_decode.json "programmatic_launch" names: they
+were measured end to end) then issues the copies of its first weight stages at once, waits
+for the previous grid (``griddepcontrol.wait``) only before it reads its activations, and
+lets the next kernel launch as soon as it starts (``griddepcontrol.launch_dependents``). In
+a decode step, whose kernels are short and depend on each other, that hides each matmul's
+launch and its first weight fetch behind the kernel before it. Dispatch (backend "auto")
+knows whether the policy is on: configs/dispatch.json may pick another kernel inside it.
 
 It only overlaps anything when the previous kernel allows it (calls launch_dependents or
 is itself a programmatic launch that does): dqgemm's decode kernel does, and so do the fused

@@ -374,8 +374,8 @@ def decode_matmul(x: torch.Tensor, prepared: DecodePrepared, bias: Optional[torc
     9.0+: a programmatic dependent launch, the first stages' weights fetched while the
     previous kernel in the stream finishes; default: within dqgemm.programmatic_launch()
     per the table's "programmatic_launch" entry, or per its "producer_warp" entry with the
-    copying warp, and never at a weight's first launch with x's dtype); ``out`` is an optional contiguous [M, N] result
-    buffer of x's dtype (tests poison it)."""
+    copying warp, and never at a weight's first launch with x's dtype); ``out`` is an
+    optional contiguous [M, N] result buffer of x's dtype (tests poison it)."""
     ext = _ext.extension()
     if ext is None:
         raise RuntimeError(f"dqgemm CUDA extension {_ext.extension_error()}")
@@ -410,11 +410,12 @@ def decode_matmul(x: torch.Tensor, prepared: DecodePrepared, bias: Optional[torc
             raise ValueError(f"producer_warp: needs compute capability 9.0 or later, "
                              f"{device} has {_capability(device.index)}")
     if programmatic_launch is None:
-        programmatic_launch = (
-            ((launch.programmatic_launch_enabled() and table_programmatic_launch(m, prepared.bits))
-             or (producer_warp and bool(
-                _config().get("producer_warp", {}).get("programmatic_launch", False))))
-            and x.dtype in prepared.launched and _capability(device.index) >= (9, 0))
+        by_policy = (launch.programmatic_launch_enabled()
+                     and table_programmatic_launch(m, prepared.bits))
+        by_producer_rule = producer_warp and bool(
+            _config().get("producer_warp", {}).get("programmatic_launch", False))
+        programmatic_launch = ((by_policy or by_producer_rule) and x.dtype in prepared.launched
+                               and _capability(device.index) >= (9, 0))
     elif programmatic_launch and _capability(device.index) < (9, 0):
         raise ValueError(f"programmatic_launch: needs compute capability 9.0 or later, "
                          f"{device} has {_capability(device.index)}")
