@@ -502,6 +502,14 @@ def test_programmatic_launch_table():
         for m in (1, 8, 9, 16, 17, 33, 64):
             assert cd.table_programmatic_launch(m, bits) == \
                 rule[f"int{bits}"][str(cd.m_tile(m))]
+    # a small-layer rule marked so is skipped for programmatic launches only
+    for bits in (4, 8):
+        for tile, small in cd._config()["small_layers"].get(f"int{bits}", {}).items():
+            m, units = int(tile), int(small["max_units"])
+            assert cd.table_blocks_per_sm(m, bits, units) == small["blocks_per_sm"]
+            skipped = not small.get("applies_to_programmatic_launch", True)
+            assert cd.table_blocks_per_sm(m, bits, units, programmatic=True) == (
+                cd.launch_table()[f"int{bits}"][tile] if skipped else small["blocks_per_sm"])
 
 
 def test_blocks_per_sm_argument_checked():

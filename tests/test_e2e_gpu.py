@@ -19,12 +19,19 @@ def _reason():
 
 @pytest.mark.skipif(_reason() is not None, reason=str(_reason()))
 @pytest.mark.parametrize("variant", ["fp16", "int4", "int8"])
-@pytest.mark.parametrize("batch", [1, 5])
-def test_programmatic_launch_step_equals_normal_step(variant, batch):
+@pytest.mark.parametrize("batch", [1, 5, 16])
+def test_programmatic_launch_step_equals_normal_step(variant, batch, monkeypatch):
     """Two layers of the Llama-3-8B shape, one decode step replayed from a CUDA graph with
     and without dqgemm.programmatic_launch(): the kernels are deterministic, so a missing
     wait for a previous kernel's output would show as a difference in the logits (poisoned
-    before each replay) or in the KV caches."""
+    before each replay) or in the KV caches. Both runs use the grids of the programmatic
+    one (the launch table may size them differently for programmatic launches, and another
+    stream-K split sums in another order)."""
+    from dqgemm.kernels import cuda_decode
+    table = cuda_decode.table_blocks_per_sm
+    monkeypatch.setattr(cuda_decode, "table_blocks_per_sm",
+                        lambda m, bits, units=None, programmatic=False:
+                        table(m, bits, units, programmatic=True))
     cfg = e2e.MODELS["llama3-8b"]
     bits = e2e.VARIANTS[variant]
     outs = []

@@ -228,13 +228,17 @@ def launch_table() -> Dict[str, Dict[str, int]]:
     return _config()["blocks_per_sm"]
 
 
-def table_blocks_per_sm(m: int, bits: int, units: Optional[int] = None) -> int:
+def table_blocks_per_sm(m: int, bits: int, units: Optional[int] = None,
+                        programmatic: bool = False) -> int:
     """The launch table's blocks per SM for M's token tile (at M <= 16 it also sets the
     shared-memory ring depth in the launcher); for a layer of ``units`` units of work, the
-    table's small-layer rule first (configs/cuda_decode.json, "small_layers")."""
+    table's small-layer rule first (configs/cuda_decode.json, "small_layers"), unless the
+    calls are programmatic launches and the rule does not apply to them."""
     if units is not None:
         rule = _config().get("small_layers", {}).get(f"int{bits}", {}).get(str(m_tile(m)))
-        if rule is not None and units <= int(rule["max_units"]):
+        if (rule is not None and units <= int(rule["max_units"])
+                and not (programmatic and not rule.get("applies_to_programmatic_launch",
+                                                       True))):
             return int(rule["blocks_per_sm"])
     return int(launch_table()[f"int{bits}"][str(m_tile(m))])
 
@@ -391,8 +395,13 @@ def decode_matmul(x: torch.Tensor, prepared: DecodePrepared, bias: Optional[torc
     n_pad, k_pad = padded_sizes(n, k)
     device = x.device
     units = work_units(m, n, k, prepared.bits)
+    # Within dqgemm.programmatic_launch(), per the table (also for a weight's first launch,
+    # which is a normal one, so that every call under the policy has the same grid)
+    by_policy = (launch.programmatic_launch_enabled()
+                 and table_programmatic_launch(m, prepared.bits)
+                 and _capability(device.index) >= (9, 0))
     if blocks_per_sm is None:
-        blocks_per_sm = table_blocks_per_sm(m, prepared.bits, units)
+        blocks_per_sm = table_blocks_per_sm(m, prepared.bits, units, by_policy)
     elif not isinstance(blocks_per_sm, int) or blocks_per_sm < 1:
         raise ValueError(f"blocks_per_sm: expected an int >= 1, got {blocks_per_sm!r}")
     for name, value in (("producer_warp", producer_warp),
@@ -410,8 +419,6 @@ def decode_matmul(x: torch.Tensor, prepared: DecodePrepared, bias: Optional[torc
             raise ValueError(f"producer_warp: needs compute capability 9.0 or later, "
                              f"{device} has {_capability(device.index)}")
     if programmatic_launch is None:
-        by_policy = (launch.programmatic_launch_enabled()
-                     and table_programmatic_launch(m, prepared.bits))
         by_producer_rule = producer_warp and bool(
             _config().get("producer_warp", {}).get("programmatic_launch", False))
         programmatic_launch = ((by_policy or by_producer_rule) and x.dtype in prepared.launched
