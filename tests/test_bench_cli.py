@@ -151,6 +151,8 @@ def test_e2e_tiny_model_on_cpu():
         assert r["programmatic_launch"] is False  # a CPU run: never
     assert {r["variant"] for r in res} == {"fp16", "int4"}
     assert "tokens/s" in format_results(res)
+    assert "step: elementwise ops torch, attention torch sdpa + mask, programmatic launch off" \
+        in format_results(res)
 
 
 def test_bad_options_are_refused():

@@ -92,6 +92,7 @@ def test_e2e_rows_format(capsys):
                                                            ("int8", 1)}
     text = "\n".join(demo.format_e2e(rows))
     assert "tokens/s" in text and "int4" in text and "fp16" in text
+    assert "attention: torch sdpa + mask; programmatic launch: off" in text, text
     assert "not run" not in text, text
 
 

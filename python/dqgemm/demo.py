@@ -453,8 +453,12 @@ def _mib(n: float) -> str:
 
 def format_e2e(rows: Sequence[Dict]) -> List[str]:
     """The rows of dqgemm.bench.e2e.run_decode_benchmark as a table."""
-    lines = ["Llama-3-8B-shaped decode, random weights, CUDA graphs (dqgemm.bench.e2e):",
-             f"  {'batch':>5}  {'variant':<8}{'tokens/s':>10}{'ms/token':>10}{'vs fp16':>9}"
+    settings = sorted({(r.get("attention"), r.get("programmatic_launch")) for r in rows},
+                      key=str)
+    lines = ["Llama-3-8B-shaped decode, random weights, CUDA graphs (dqgemm.bench.e2e):"]
+    lines += [f"  attention: {a or '?'}; programmatic launch: {'on' if p else 'off'} "
+              "(the same for every variant)" for a, p in settings]
+    lines += [f"  {'batch':>5}  {'variant':<8}{'tokens/s':>10}{'ms/token':>10}{'vs fp16':>9}"
              f"  kernel"]
     for r in rows:
         if not r.get("ok", True) or not r.get("tokens_per_s"):

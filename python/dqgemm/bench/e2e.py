@@ -496,7 +496,14 @@ def _free(dev: torch.device) -> Optional[str]:
 
 
 def format_results(results: List[Dict]) -> str:
-    lines = [f"{'model':<11} {'layers':>6} {'variant':<7} {'backend':<9} {'kernel':<22} "
+    """The rows as a table, after one line per distinct set of step settings (the ops
+    between the matmuls, attention, programmatic launch), which every row shares in a
+    normal run."""
+    settings = sorted({(r.get("elementwise"), r.get("attention"), r.get("programmatic_launch"))
+                       for r in results}, key=str)
+    lines = [f"step: elementwise ops {e}, attention {a}, programmatic launch "
+             f"{'on' if p else 'off'}" for e, a, p in settings]
+    lines += [f"{'model':<11} {'layers':>6} {'variant':<7} {'backend':<9} {'kernel':<22} "
              f"{'batch':>5} {'ms/token':>9} {'tokens/s':>10} {'x fp16':>7}  note"]
     for r in results:
         ms = f"{r['ms_per_token']:.3f}" if r.get("ms_per_token") else "-"
