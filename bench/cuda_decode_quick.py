@@ -13,6 +13,7 @@ sys.path.insert(0, __file__.rsplit("/", 1)[0])
 import cuda_decode_bench as B  # noqa: E402
 
 import dqgemm  # noqa: E402
+from dqgemm.bench.timing import capture_graph  # noqa: E402
 from dqgemm.kernels import cuda_decode as cd  # noqa: E402
 
 out_path = sys.argv[1] if len(sys.argv) > 1 else "quick.json"
@@ -74,14 +75,7 @@ for producer, pdl in ((False, None), (False, True), (True, False), (True, True))
     launch = {"producer_warp": producer, "programmatic_launch": pdl}
     eager = cd.decode_matmul(x, prep, None, **launch)
     static = torch.empty_like(eager)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        cd.decode_matmul(x, prep, None, out=static, **launch)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, stream=s):
-            cd.decode_matmul(x, prep, None, out=static, **launch)
-    torch.cuda.current_stream().wait_stream(s)
+    g = capture_graph(lambda: cd.decode_matmul(x, prep, None, out=static, **launch))
     static.fill_(float("nan"))
     g.replay()
     torch.cuda.synchronize()

@@ -29,6 +29,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
 
 from dqgemm.bench import e2e_ops  # noqa: E402
+from dqgemm.bench.timing import capture_graph  # noqa: E402
 
 MODELS = {"llama3-8b": (32, 8), "llama3-70b": (64, 8)}
 BATCHES = (1, 16)
@@ -67,14 +68,10 @@ def inputs(b: int, n_heads: int, n_kv: int, dtype: torch.dtype, seed: int, cache
 def graph_follows_pos(q, k, v) -> bool:
     """A graph captured once, replayed at several positions, equals eager calls."""
     pos = torch.tensor([POSITIONS[0]], device="cuda")
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        e2e_ops.decode_attention(q, k, v, pos, "triton")
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static = e2e_ops.decode_attention(q, k, v, pos, "triton")
+    outs = []
+    graph = capture_graph(lambda: outs.append(e2e_ops.decode_attention(q, k, v, pos,
+                                                                       "triton")))
+    static = outs[-1]                            # the captured call's output
     same = True
     for p in (POSITIONS[0], 300, CACHE_LEN - 1):
         pos.fill_(p)
@@ -114,14 +111,7 @@ def time_impl(impl: str, q, ks, vs, pos, mask) -> float:
     def calls():
         for k, v in zip(ks, vs):
             e2e_ops.decode_attention(q, k, v, pos, impl, mask)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        calls()                                  # compiles, warms the allocator
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        calls()
+    graph = capture_graph(calls)                 # the warm-up call compiles the kernels
     for _ in range(3):
         graph.replay()
     ms = []

@@ -109,7 +109,8 @@ def profile_variant(cfg, n_layers, variant, backend, batch, replays, device, pdl
                 graph.replay()
                 torch.cuda.synchronize(device)
                 time.sleep(0.005)
-    path = tempfile.mktemp(suffix=".json")
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        path = f.name
     prof.export_chrome_trace(path)
     steps = split_steps(kernel_events(path))
     os.unlink(path)
@@ -121,17 +122,15 @@ def profile_variant(cfg, n_layers, variant, backend, batch, replays, device, pdl
     for c in sorted({c for s in sums for c in s[2]}):
         classes[c] = {"us": statistics.median(s[2].get(c, (0.0, 0))[0] for s in sums),
                       "count": max(s[2].get(c, (0.0, 0))[1] for s in sums)}
-    # one middle layer: the kernels between the k-th and (k+1)-th dqgemm/qkv matmul
+    # one middle layer: from its first add_rmsnorm kernel to the next layer's (two per
+    # layer); without those (torch ops), an even share of the step's kernels
     step = steps[len(steps) // 2]
-    n_k = len(step)
-    per_layer = (n_k - 8) // max(n_layers, 1)
     mid = n_layers // 2
-    first = 0
-    # find the layer boundaries by the add_rmsnorm kernels (two per layer)
     norm_idx = [i for i, (_, _, n) in enumerate(step) if "rmsnorm" in n.lower()]
-    if len(norm_idx) >= 2 * n_layers:
+    if len(norm_idx) >= 2 * n_layers + 1:
         first, last = norm_idx[2 * mid], norm_idx[2 * mid + 2]
     else:
+        per_layer = (len(step) - 8) // max(n_layers, 1)
         first, last = mid * per_layer, (mid + 1) * per_layer
     layer = []
     for i in range(first, last):

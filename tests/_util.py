@@ -66,14 +66,6 @@ def make_quantized(n: int, k: int, bits: int, group_size: int, mode: str = "symm
 
 
 def capture_graph(fn):
-    """A CUDA graph of fn(), captured on a side stream after one warm-up call there (the
-    kernels' workspaces are cached per stream, so the capture allocates nothing)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=stream):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    return graph
+    """A CUDA graph of fn() on the current device (dqgemm.bench.timing.capture_graph)."""
+    from dqgemm.bench.timing import capture_graph as capture
+    return capture(fn)

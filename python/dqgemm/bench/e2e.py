@@ -45,7 +45,7 @@ from torch import nn
 from .. import launch, ops, registry
 from ..nn import QuantLinear
 from ..quantize import quantize
-from . import e2e_ops
+from . import e2e_ops, timing
 
 
 @dataclasses.dataclass(frozen=True)
@@ -258,15 +258,7 @@ def capture_step(model: DecoderModel, state: DecodeState, dev: torch.device
                  ) -> "torch.cuda.CUDAGraph":
     """A CUDA graph of one decode step, captured after a warm-up step on a side stream
     (which advances state like any step). Call under torch.no_grad()."""
-    side = torch.cuda.Stream(dev)
-    side.wait_stream(torch.cuda.current_stream(dev))
-    with torch.cuda.stream(side):
-        model.step(state)
-    torch.cuda.current_stream(dev).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        model.step(state)
-    return graph
+    return timing.capture_graph(lambda: model.step(state), dev)
 
 
 def _time_steps(model: DecoderModel, state: DecodeState, steps: int, warmup: int,
@@ -452,7 +444,7 @@ def run_decode_benchmark(model: str = "llama3-8b", batch_sizes: Sequence[int] = 
 def _programmatic_default(value: Optional[bool], dev: torch.device, elementwise: str) -> bool:
     """run_decode_benchmark's programmatic_launch: checked, or its default."""
     capable = (dev.type == "cuda" and elementwise == "triton"
-               and torch.cuda.get_device_capability(dev) >= (9, 0))
+               and ops._device_facts(dev)[1] >= (9, 0))
     if value is None:
         return capable
     if not isinstance(value, bool):

@@ -45,7 +45,6 @@ decode step's chain of short kernels then overlaps each launch with the kernel b
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 from typing import Dict, Optional, Tuple
@@ -53,7 +52,7 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from .. import launch
+from .. import launch, ops
 
 try:  # optional, like the Triton backend
     import triton
@@ -262,18 +261,14 @@ if triton is not None:
 # Public ops.
 # ----------------------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=16)
-def _pdl_capable(device_index: int) -> bool:
-    return torch.cuda.get_device_capability(device_index) >= (9, 0)
-
-
 def _pdl(device: torch.device) -> Dict[str, bool]:
     """Launch options of the Triton kernels: a programmatic dependent launch within
     dqgemm.programmatic_launch() on compute capability 9.0+ (never in the interpreter),
     so that these short kernels and the matmuls between them overlap their launches
     (dqgemm.launch)."""
     on = (launch.programmatic_launch_enabled() and device.type == "cuda"
-          and os.environ.get("TRITON_INTERPRET") != "1" and _pdl_capable(device.index))
+          and os.environ.get("TRITON_INTERPRET") != "1"
+          and ops._device_facts(device)[1] >= (9, 0))
     return {"PDL": on, "launch_pdl": on}
 
 

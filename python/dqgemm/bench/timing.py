@@ -142,6 +142,22 @@ def time_calls(calls: Sequence[Callable[[], Any]], device: torch.device,
     return Timing(us, eager_us, "cuda_graph", reps, n, _spread(samples))
 
 
+def capture_graph(fn: Callable[[], Any], device: Optional[torch.device] = None
+                  ) -> "torch.cuda.CUDAGraph":
+    """A CUDA graph of fn(), captured on a side stream after one warm-up call there
+    (dqgemm's kernels cache their workspaces per stream, so the capture allocates none;
+    fn's own effects, such as a decode step advancing its position, happen once more)."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        fn()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    return graph
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -366,6 +366,13 @@ def output_buffer(out: Optional[torch.Tensor], m: int, n: int, dtype: torch.dtyp
 PRODUCER_M_MAX = 16     # token tiles with a copying-warp configuration (8 and 16)
 
 
+def _require_sm90(argument: str, device: torch.device) -> None:
+    """The launch options that use bulk copies or griddepcontrol need sm_90+."""
+    if _capability(device.index) < (9, 0):
+        raise ValueError(f"{argument}: needs compute capability 9.0 or later, "
+                         f"{device} has {_capability(device.index)}")
+
+
 def decode_matmul(x: torch.Tensor, prepared: DecodePrepared, bias: Optional[torch.Tensor],
                   blocks_per_sm: Optional[int] = None,
                   out: Optional[torch.Tensor] = None,
@@ -415,17 +422,14 @@ def decode_matmul(x: torch.Tensor, prepared: DecodePrepared, bias: Optional[torc
         if m > PRODUCER_M_MAX:
             raise ValueError(f"producer_warp: the copying-warp configuration serves "
                              f"M <= {PRODUCER_M_MAX}, got M = {m}")
-        if _capability(device.index) < (9, 0):
-            raise ValueError(f"producer_warp: needs compute capability 9.0 or later, "
-                             f"{device} has {_capability(device.index)}")
+        _require_sm90("producer_warp", device)
     if programmatic_launch is None:
         by_producer_rule = producer_warp and bool(
             _config().get("producer_warp", {}).get("programmatic_launch", False))
         programmatic_launch = ((by_policy or by_producer_rule) and x.dtype in prepared.launched
                                and _capability(device.index) >= (9, 0))
-    elif programmatic_launch and _capability(device.index) < (9, 0):
-        raise ValueError(f"programmatic_launch: needs compute capability 9.0 or later, "
-                         f"{device} has {_capability(device.index)}")
+    elif programmatic_launch:
+        _require_sm90("programmatic_launch", device)
     grid = grid_size(m, n, k, prepared.bits, device.index, blocks_per_sm)
     stream = _ext.stream_handle(device)
     ws, counters = workspace(device, stream, 2 * grid * m * TILE_N, n_pad // TILE_N)
